@@ -1,0 +1,1 @@
+"""CDI (Container Device Interface) specs: model, names, atomic store, edit builders. No NVML, no Kubernetes."""

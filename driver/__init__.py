@@ -1,0 +1,1 @@
+"""gpu-dra: Kubernetes DRA node driver for NVIDIA GPUs (driver name gpu.nvidia.com)."""

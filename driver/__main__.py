@@ -1,0 +1,7 @@
+"""``python -m driver`` is ``gpu-dra``."""
+
+import sys
+
+from driver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated kubelet wire stubs (make proto). Do not edit; see proto/README.md."""
