@@ -1,1 +1,4 @@
-"""MIG logic: profiles, canonical names, counters, GI/CI lifecycle over a narrow protocol. Never imports driver."""
+"""MIG logic: profiles, canonical names, counters, GI/CI lifecycle over a narrow protocol.
+
+Never imports driver.
+"""

@@ -74,3 +74,42 @@ def parse_name(name: str) -> ParsedMigName | None:
     if m is None:
         return None
     return ParsedMigName(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4)))
+
+
+@dataclass(frozen=True, slots=True)
+class MigInstance:
+    """A GPU instance found on a GPU, with its compute instance when it has one.
+
+    A GI without a CI is what a crash between the two creates leaves behind; ``ci_id`` and
+    ``mig_uuid`` are None then.
+    """
+
+    parent_uuid: str
+    gi_id: int
+    gi_profile_id: int
+    placement_start: int
+    placement_size: int
+    ci_id: int | None = None
+    mig_uuid: str | None = None
+
+    def to_live(self, parent_minor: int) -> MigLive | None:
+        """The MigLive for this instance, or None while it has no compute instance."""
+        if self.ci_id is None or self.mig_uuid is None:
+            return None
+        return MigLive(
+            parent_minor=parent_minor,
+            parent_uuid=self.parent_uuid,
+            gi_id=self.gi_id,
+            ci_id=self.ci_id,
+            mig_uuid=self.mig_uuid,
+            gi_profile_id=self.gi_profile_id,
+            placement_start=self.placement_start,
+        )
+
+    def matches(self, spec: MigSpec) -> bool:
+        """True when this instance sits at ``spec``'s profile and placement on ``spec``'s GPU."""
+        return (
+            self.parent_uuid == spec.parent_uuid
+            and self.gi_profile_id == spec.gi_profile_id
+            and self.placement_start == spec.placement_start
+        )

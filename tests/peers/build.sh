@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|helm|mocknvml|cdi|all] ...   (default: all)
+# Usage: tests/peers/build.sh [k8s|k8s-resolve|helm|mocknvml|cdi|all] ...   (default: all)
+#        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
 
@@ -16,28 +17,50 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 say() { printf '[peers %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # done_stamp DIR KEY: true when DIR was built for exactly KEY (a pin change rebuilds).
-done_stamp() { [[ -f "$1/.built" && "$(cat "$1/.built")" == "$2" ]]; }
+# The first call per DIR takes an exclusive lock on it (held until the script exits), so that
+# concurrent test sessions wait for one build instead of deleting each other's work.
+declare -A locked=()
+done_stamp() {
+  if [[ -z ${locked[$1]:-} ]]; then
+    mkdir -p "$1"
+    local fd
+    exec {fd}>"$1.lock"
+    if ! flock -n "$fd"; then
+      say "$(basename "$1"): another build holds $1.lock; waiting for it"
+      flock "$fd"
+    fi
+    locked[$1]=$fd
+  fi
+  [[ -f "$1/.built" && "$(cat "$1/.built")" == "$2" ]]
+}
 
 build_k8s() {
   local ver=$1
-  local dir="$cache/k8s-$ver" key="k8s=$ver etcd-main=1 script=2"
+  local dir="$cache/k8s-$ver" key="k8s=$ver etcd=k8s-pinned script=3"
   if done_stamp "$dir" "$key"; then say "kubernetes $ver: cached in $dir/bin"; return; fi
-  say "kubernetes $ver: building etcd, kube-apiserver, kube-scheduler, kube-controller-manager (first time: 15-30 min on 2 cores)"
-  rm -rf "$dir/src" && mkdir -p "$dir/src/cmd/etcd" "$dir/bin"
+  say "kubernetes $ver: building etcd, kube-apiserver, kube-scheduler, kube-controller-manager (cold: ~6 min on 2 cores, warm Go cache: ~1 min)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src/cmd/etcd" "$dir/bin"
   local minor=${ver#v1.}
   local staging_ver="v0.${minor}"
   # k8s.io/kubernetes names its staging modules at v0.0.0 with local replaces; point them at the
   # published tags of the same release instead.
   local gomod
   gomod=$(go mod download -json "k8s.io/kubernetes@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-  local gover
+  local gover etcd_ver
   gover=$(awk '$1=="go"{print $2; exit}' "$gomod")
+  # etcd is built at the server version Kubernetes itself requires, so that neither the
+  # apiserver's etcd client nor anything else drifts from the release.
+  etcd_ver=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2; exit}' "$gomod")
+  [[ -n $etcd_ver ]] || { echo "k8s.io/kubernetes@$ver go.mod names no go.etcd.io/etcd/server/v3; cannot pin etcd" >&2; exit 1; }
   {
     echo "module gpudra.local/peers/k8s"
     echo
     echo "go $gover"
     echo
-    echo "require k8s.io/kubernetes $ver"
+    echo "require ("
+    echo "	k8s.io/kubernetes $ver"
+    echo "	go.etcd.io/etcd/server/v3 $etcd_ver"
+    echo ")"
     echo
     grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" \
       | awk -v v="$staging_ver" '{print "replace " $1 " => " $1 " " v}'
@@ -56,8 +79,13 @@ func main() { etcdmain.Main(os.Args) }
 GO
   (
     cd "$dir/src"
-    say "kubernetes $ver: resolving modules"
-    go get "k8s.io/kubernetes@$ver" "go.etcd.io/etcd/server/v3" >/dev/null 2>&1 || true
+    say "kubernetes $ver: resolving modules (etcd $etcd_ver)"
+    go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
+      "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" \
+      >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    local got
+    got=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
+    [[ $got == "$etcd_ver" ]] || { echo "etcd resolved to $got, want $etcd_ver" >&2; exit 1; }
     for cmd in kube-apiserver kube-scheduler kube-controller-manager; do
       say "kubernetes $ver: go build $cmd"
       go build -ldflags='-s -w' -o "$dir/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
@@ -69,42 +97,153 @@ GO
   say "kubernetes $ver: done -> $dir/bin"
 }
 
+# k8s_resolve VER: only writes and tidies the go.mod for VER (no build); proves a version is buildable.
+k8s_resolve() {
+  local ver=$1 tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  local gomod gover etcd_ver
+  gomod=$(go mod download -json "k8s.io/kubernetes@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  gover=$(awk '$1=="go"{print $2; exit}' "$gomod")
+  etcd_ver=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2; exit}' "$gomod")
+  {
+    printf 'module gpudra.local/peers/k8s\n\ngo %s\n\nrequire (\n\tk8s.io/kubernetes %s\n\tgo.etcd.io/etcd/server/v3 %s\n)\n\n' "$gover" "$ver" "$etcd_ver"
+    grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="v0.${ver#v1.}" '{print "replace " $1 " => " $1 " " v}'
+  } >"$tmp/go.mod"
+  mkdir -p "$tmp/cmd/etcd"
+  printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' >"$tmp/cmd/etcd/main.go"
+  (cd "$tmp" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
+    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" >/dev/null 2>&1 && go list -deps k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kube-controller-manager ./cmd/etcd >/dev/null)
+  say "kubernetes $ver: go.mod resolves (go $gover, etcd $etcd_ver)"
+}
+
 build_helm() {
-  local dir="$cache/helm-$HELM_VERSION" key="helm=$HELM_VERSION script=1"
+  local dir="$cache/helm-$HELM_VERSION" key="helm=$HELM_MODULE@$HELM_VERSION script=2"
   if done_stamp "$dir" "$key"; then say "helm $HELM_VERSION: cached"; return; fi
-  say "helm $HELM_VERSION: building (first time: ~5 min)"
-  rm -rf "$dir/src" && mkdir -p "$dir/src" "$dir/bin"
-  local mod=${HELM_MODULE}
-  printf 'module gpudra.local/peers/helm\n\ngo 1.24\n\nrequire %s %s\n' "$mod" "$HELM_VERSION" >"$dir/src/go.mod"
+  say "helm $HELM_VERSION: building (cold: a few minutes)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  printf 'module gpudra.local/peers/helm\n\ngo 1.26\n\nrequire %s %s\n' "$HELM_MODULE" "$HELM_VERSION" >"$dir/src/go.mod"
   (
     cd "$dir/src"
-    go get "$mod@$HELM_VERSION" >/dev/null 2>&1 || true
-    go build -ldflags="-s -w" -o "$dir/bin/helm" "$mod/cmd/helm"
+    go get "$HELM_MODULE/cmd/helm@$HELM_VERSION" >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    go build -ldflags="-s -w -X helm.sh/helm/${HELM_MODULE##*/}/internal/version.version=$HELM_VERSION" \
+      -o "$dir/bin/helm" "$HELM_MODULE/cmd/helm"
   )
   echo "$key" >"$dir/.built"
   say "helm: done -> $dir/bin/helm"
 }
 
 build_cdi() {
-  local dir="$cache/cdi-$CDI_VERSION" key="cdi=$CDI_VERSION script=1"
+  local dir="$cache/cdi-$CDI_VERSION" key="cdi=$CDI_MODULE@$CDI_VERSION script=2"
   if done_stamp "$dir" "$key"; then say "cdi $CDI_VERSION: cached"; return; fi
-  say "cdi $CDI_VERSION: building the cdi command"
-  rm -rf "$dir/src" && mkdir -p "$dir/src" "$dir/bin"
-  printf 'module gpudra.local/peers/cdi\n\ngo 1.24\n\nrequire %s %s\n' "$CDI_CMD_MODULE" "$CDI_VERSION" >"$dir/src/go.mod"
+  say "cdi $CDI_VERSION: building the cdi command on $CDI_MODULE/pkg/cdi"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  printf 'module gpudra.local/peers/cdi\n\ngo 1.26\n\nrequire %s %s\n' "$CDI_MODULE" "$CDI_VERSION" >"$dir/src/go.mod"
+  cat >"$dir/src/main.go" <<'GO'
+// Command cdi checks CDI spec directories and resolves CDI device names with the CDI project's
+// own library (the code container runtimes use), so tests need not trust our reading of the spec.
+//
+//	cdi validate DIR...                        load every spec; print errors; exit 1 on any
+//	cdi devices DIR...                         print the fully qualified device names, one a line
+//	cdi inject --spec-dirs DIR[:DIR] DEVICE... apply the devices' edits to an empty OCI spec; print it
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	oci "github.com/opencontainers/runtime-spec/specs-go"
+	"tags.cncf.io/container-device-interface/pkg/cdi"
+)
+
+func fail(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "cdi: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+func load(dirs []string) *cdi.Cache {
+	if len(dirs) == 0 {
+		fail("name at least one spec directory")
+	}
+	c, err := cdi.NewCache(cdi.WithSpecDirs(dirs...), cdi.WithAutoRefresh(false))
+	if err != nil && c == nil {
+		fail("loading %v: %v", dirs, err)
+	}
+	return c
+}
+
+func report(c *cdi.Cache) int {
+	bad := 0
+	errs := c.GetErrors()
+	paths := make([]string, 0, len(errs))
+	for p := range errs {
+		paths = append(paths, p)
+	}
+	sort.Strings(paths)
+	for _, p := range paths {
+		for _, e := range errs[p] {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", p, e)
+			bad++
+		}
+	}
+	return bad
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fail("usage: cdi validate|devices|inject ...")
+	}
+	switch os.Args[1] {
+	case "validate":
+		c := load(os.Args[2:])
+		if report(c) > 0 {
+			os.Exit(1)
+		}
+		fmt.Printf("ok: %d devices\n", len(c.ListDevices()))
+	case "devices":
+		c := load(os.Args[2:])
+		for _, d := range c.ListDevices() {
+			fmt.Println(d)
+		}
+	case "inject":
+		args := os.Args[2:]
+		if len(args) < 3 || args[0] != "--spec-dirs" {
+			fail("usage: cdi inject --spec-dirs DIR[:DIR] DEVICE...")
+		}
+		c := load(strings.Split(args[1], ":"))
+		spec := &oci.Spec{Process: &oci.Process{}, Linux: &oci.Linux{}}
+		unresolved, err := c.InjectDevices(spec, args[2:]...)
+		if err != nil {
+			report(c)
+			fail("injecting %v (unresolved %v): %v", args[2:], unresolved, err)
+		}
+		out, _ := json.MarshalIndent(spec, "", "  ")
+		fmt.Println(string(out))
+	default:
+		fail("unknown command %q (want validate, devices or inject)", os.Args[1])
+	}
+}
+GO
   (
     cd "$dir/src"
-    go get "$CDI_CMD_MODULE@$CDI_VERSION" >/dev/null 2>&1 || true
-    go build -ldflags="-s -w" -o "$dir/bin/cdi" "$CDI_CMD_MODULE"
+    go mod tidy >/dev/null 2>"$dir/tidy.log" || { cat "$dir/tidy.log" >&2; exit 1; }
+    go build -ldflags="-s -w" -o "$dir/bin/cdi" .
   )
   echo "$key" >"$dir/.built"
   say "cdi: done -> $dir/bin/cdi"
 }
 
 build_mocknvml() {
-  local dir="$cache/mocknvml-$MOCKNVML_VERSION" key="mocknvml=$MOCKNVML_VERSION script=1"
-  if done_stamp "$dir" "$key"; then say "mock NVML $MOCKNVML_VERSION: cached"; return; fi
-  say "mock NVML $MOCKNVML_VERSION: building libnvidia-ml.so.1"
-  "$here/build-mocknvml.sh" "$dir"
+  local dir="$cache/mocknvml-go-nvml-$GO_NVML_VERSION"
+  local key="go-nvml=$GO_NVML_VERSION bridge=$(sha256sum "$here/build-mocknvml.sh" | cut -c1-16)"
+  if done_stamp "$dir" "$key"; then say "mock NVML (go-nvml $GO_NVML_VERSION): cached"; return; fi
+  say "mock NVML (go-nvml $GO_NVML_VERSION): building libnvidia-ml.so.1"
+  rm -rf "$dir/.built"
+  GO_NVML_MODULE=$GO_NVML_MODULE GO_NVML_VERSION=$GO_NVML_VERSION "$here/build-mocknvml.sh" "$dir"
   echo "$key" >"$dir/.built"
   say "mock NVML: done -> $dir/lib/libnvidia-ml.so.1"
 }
@@ -114,10 +253,11 @@ targets=("$@")
 for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s "$K8S_VERSION" ;;
+    k8s-resolve) k8s_resolve "$K8S_VERSION" ;;
     helm) build_helm ;;
     cdi) build_cdi ;;
     mocknvml) build_mocknvml ;;
     all) build_k8s "$K8S_VERSION"; build_helm; build_cdi; build_mocknvml ;;
-    *) echo "unknown peer '$t' (want k8s, helm, cdi, mocknvml or all)" >&2; exit 2 ;;
+    *) echo "unknown peer '$t' (want k8s, k8s-resolve, helm, cdi, mocknvml or all)" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,487 @@
+"""The driver's one door to the Kubernetes API: a thin, typed facade over the kubernetes client.
+
+Why it exists: the rest of the driver must not depend on the python client's generated models,
+which lag behind the API (resource.k8s.io v1 / v1beta2 / v1beta1 differ by server version).
+Every call here goes over the raw REST paths and returns plain dicts in the API's JSON shape
+(camelCase), so ``resourceslices`` and the claim source work on any server from 1.32 on.
+Errors come out as :class:`driver.errors.ApiError` subclasses with the HTTP status and the API's
+reason kept, the client's exception chained.
+
+What it does not do: retry. Callers own their retry policy (the slice publisher backs off, the
+DRA service reports a temporary claim error); this module only spaces requests out with a
+client-side token bucket and puts a timeout on each one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from driver.errors import ApiConflictError, ApiError, ApiNotFoundError
+
+log = structlog.get_logger(__name__)
+
+RESOURCE_GROUP = "resource.k8s.io"
+# Newest first: the order in which a served version is chosen (matches the Go helper's client).
+RESOURCE_VERSIONS = ("v1", "v1beta2", "v1beta1")
+
+JsonDict = dict[str, Any]
+
+
+class ResourceNotServedError(ApiNotFoundError):
+    """A 404 that names no object: the server does not serve this path (API version) at all."""
+
+
+class RateLimiter:
+    """A token bucket: ``qps`` requests per second on average, bursts up to ``burst``.
+
+    client-go's defaults (5 qps, burst 10) keep one node's plugin from flooding the API server
+    when it loops on an error.
+    """
+
+    def __init__(self, qps: float = 5.0, burst: int = 10) -> None:
+        if qps <= 0 or burst < 1:
+            raise ValueError(f"rate limiter needs qps > 0 and burst >= 1, got qps={qps} burst={burst}")
+        self._qps = qps
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Block until one request may go out."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._qps)
+            self._last = now
+            self._tokens -= 1.0
+            wait = -self._tokens / self._qps if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+
+
+class SliceWatch:
+    """A running watch on ResourceSlices: iterate for ``{"type", "object"}`` events; ``close()`` ends it.
+
+    ``close()`` may be called from another thread to unblock a reader waiting on the socket.
+    """
+
+    def __init__(self, response: Any, path: str) -> None:
+        self._response = response
+        self._path = path
+        self._closed = False
+
+    def __iter__(self) -> Iterator[JsonDict]:
+        buffer = b""
+        try:
+            for chunk in self._response.stream(amt=None, decode_content=False):
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield _watch_event(line, self._path)
+        except Exception as exc:
+            if self._closed:
+                return
+            raise ApiError(
+                f"watch {self._path} broke: {exc}; the caller re-lists and watches again",
+                reason="WatchBroken",
+            ) from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the watch and release its connection (idempotent, thread-safe enough)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._response.shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort: the socket may already be gone
+            log.debug("watch shutdown failed", path=self._path, error=repr(exc))
+        try:
+            self._response.release_conn()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("watch release failed", path=self._path, error=repr(exc))
+
+
+def _watch_event(line: bytes, path: str) -> JsonDict:
+    try:
+        event = json.loads(line)
+    except ValueError as exc:
+        raise ApiError(f"watch {path} sent a line that is not JSON: {line[:200]!r}") from exc
+    if not isinstance(event, dict):
+        raise ApiError(f"watch {path} sent a non-object event: {line[:200]!r}")
+    if event.get("type") == "ERROR":
+        status = event.get("object") or {}
+        code = int(status.get("code") or 0)
+        reason = str(status.get("reason") or "")
+        message = f"watch {path} ended with {code} {reason}: {status.get('message', '')}"
+        if code == 410:
+            raise ApiError(message + "; re-list and watch again", status=410, reason=reason or "Expired")
+        raise ApiError(message, status=code, reason=reason)
+    return event
+
+
+class Kube:
+    """Typed calls the driver makes, over one :class:`kubernetes.client.ApiClient`.
+
+    Args:
+        api_client: a configured ``kubernetes.client.ApiClient``.
+        request_timeout_s: total timeout of each non-watch request.
+        qps, burst: client-side rate limit shared by all calls of this object.
+    """
+
+    def __init__(
+        self,
+        api_client: Any,
+        request_timeout_s: float = 10.0,
+        qps: float = 5.0,
+        burst: int = 10,
+    ) -> None:
+        self._client = api_client
+        self._timeout = request_timeout_s
+        self._limiter = RateLimiter(qps, burst)
+        self._resource_version: str | None = None
+        self._version_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, kubeconfig: Path | None, request_timeout_s: float = 10.0) -> Kube:
+        """A client from a kubeconfig file, or the pod's service account when ``kubeconfig`` is None."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is None:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            else:
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=str(kubeconfig), client_configuration=configuration
+                )
+        except Exception as exc:
+            where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
+            raise ApiError(
+                f"cannot load Kubernetes credentials from {where}: {exc}; "
+                "pass --kubeconfig with a readable file, or run in a pod with a service account",
+                reason="ConfigInvalid",
+            ) from exc
+        return cls(client.ApiClient(configuration), request_timeout_s=request_timeout_s)
+
+    # -- raw requests ---------------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, str]] | None = None,
+        body: JsonDict | None = None,
+    ) -> JsonDict:
+        response = self._send(method, path, query=query, body=body, timeout=self._timeout, stream=False)
+        data = response.read()
+        try:
+            decoded = json.loads(data) if data else {}
+        except ValueError as exc:
+            raise ApiError(f"{method} {path} returned a body that is not JSON: {data[:200]!r}") from exc
+        if not isinstance(decoded, dict):
+            raise ApiError(f"{method} {path} returned JSON that is not an object")
+        return decoded
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None,
+        body: JsonDict | None,
+        timeout: float | tuple[float, float],
+        stream: bool,
+    ) -> Any:
+        self._limiter.acquire()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            method, url, headers_out, body_out, post = self._client.param_serialize(
+                method=method,
+                resource_path=path,
+                query_params=query or None,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+            )
+            response = self._client.call_api(
+                method, url, headers_out, body_out, post, _request_timeout=timeout
+            )
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise ApiError(
+                f"{method} {path} could not reach the API server: {exc}; check the server address and "
+                "that the API server is up",
+                reason="Unavailable",
+            ) from exc
+        if not 200 <= response.status <= 299:
+            raise _status_error(method, path, response.status, response.read())
+        if stream:
+            return response.response
+        return response
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def server_version(self) -> tuple[int, int]:
+        """The API server's (major, minor), e.g. (1, 36); vendor suffixes like ``36+`` are ignored."""
+        info = self._request("GET", "/version")
+        try:
+            major = int("".join(ch for ch in str(info["major"]) if ch.isdigit()))
+            minor = int("".join(ch for ch in str(info["minor"]) if ch.isdigit()))
+        except (KeyError, ValueError) as exc:
+            raise ApiError(
+                f"GET /version returned no usable major/minor: {info}", reason="BadVersion"
+            ) from exc
+        return major, minor
+
+    def resource_api_version(self) -> str:
+        """The newest resource.k8s.io version the server serves (v1, v1beta2 or v1beta1); cached."""
+        with self._version_lock:
+            if self._resource_version is None:
+                self._resource_version = self._discover_resource_version()
+            return self._resource_version
+
+    def _discover_resource_version(self) -> str:
+        try:
+            group = self._request("GET", f"/apis/{RESOURCE_GROUP}")
+        except ApiNotFoundError as exc:
+            raise ApiNotFoundError(
+                f"the API server does not serve {RESOURCE_GROUP}; enable Dynamic Resource Allocation "
+                "(Kubernetes >= 1.32 with the resource.k8s.io API group)",
+                status=exc.status,
+                reason=exc.reason,
+            ) from exc
+        served = {str(v.get("version")) for v in group.get("versions", []) if isinstance(v, dict)}
+        for version in RESOURCE_VERSIONS:
+            if version in served:
+                return version
+        raise ApiNotFoundError(
+            f"the API server serves {RESOURCE_GROUP} only at {sorted(served)}, none of "
+            f"{list(RESOURCE_VERSIONS)}; upgrade the cluster to Kubernetes >= 1.32",
+            status=404,
+            reason="NotFound",
+        )
+
+    def _forget_resource_version(self) -> None:
+        with self._version_lock:
+            self._resource_version = None
+
+    def _resource_call(
+        self,
+        method: str,
+        subpath: str,
+        query: list[tuple[str, str]] | None = None,
+        body_for: Any = None,
+    ) -> tuple[str, JsonDict]:
+        """Call ``/apis/resource.k8s.io/<version>/<subpath>`` on the served version.
+
+        When the server stops serving the cached version (upgrade/downgrade behind our back), the
+        404 says "could not find the requested resource" without naming an object: re-discover
+        once and retry on the version the server serves now.
+        """
+        for attempt in range(2):
+            version = self.resource_api_version()
+            body = body_for(version) if body_for is not None else None
+            path = f"/apis/{RESOURCE_GROUP}/{version}/{subpath}"
+            try:
+                return version, self._request(method, path, query, body)
+            except ApiNotFoundError as exc:
+                if attempt == 0 and isinstance(exc, ResourceNotServedError):
+                    self._forget_resource_version()
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- claims and nodes -----------------------------------------------------------------------
+
+    def get_resource_claim(self, namespace: str, name: str) -> JsonDict:
+        """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it."""
+        version, claim = self._resource_call("GET", f"namespaces/{namespace}/resourceclaims/{name}")
+        return normalise_claim(claim, version)
+
+    def get_node(self, name: str) -> JsonDict:
+        """The Node object (``metadata.uid`` is what slice owner references need)."""
+        return self._request("GET", f"/api/v1/nodes/{name}")
+
+    # -- resource slices ------------------------------------------------------------------------
+
+    @staticmethod
+    def _slice_selector(driver: str, node: str) -> list[tuple[str, str]]:
+        return [("fieldSelector", f"spec.driver={driver},spec.nodeName={node}")]
+
+    def list_slices(self, driver: str, node: str) -> list[JsonDict]:
+        """This driver's ResourceSlices for ``node`` (v1 shape)."""
+        return self.list_slices_at(driver, node)[0]
+
+    def list_slices_at(self, driver: str, node: str) -> tuple[list[JsonDict], str]:
+        """Like :meth:`list_slices`, plus the list's resourceVersion to start a watch from."""
+        version, listed = self._resource_call("GET", "resourceslices", self._slice_selector(driver, node))
+        items = [slice_from_version(item, version) for item in listed.get("items") or []]
+        return items, str((listed.get("metadata") or {}).get("resourceVersion") or "")
+
+    def create_slice(self, resource_slice: JsonDict) -> JsonDict:
+        """Create a slice (v1 shape in and out); ``metadata.generateName`` is honoured."""
+        version, stored = self._resource_call(
+            "POST", "resourceslices", body_for=lambda v: slice_to_version(resource_slice, v)
+        )
+        return slice_from_version(stored, version)
+
+    def update_slice(self, resource_slice: JsonDict) -> JsonDict:
+        """Replace a slice; its ``metadata.resourceVersion`` makes it a compare-and-swap (409 on races)."""
+        name = str(resource_slice["metadata"]["name"])
+        version, stored = self._resource_call(
+            "PUT", f"resourceslices/{name}", body_for=lambda v: slice_to_version(resource_slice, v)
+        )
+        return slice_from_version(stored, version)
+
+    def delete_slice(self, name: str, uid: str, resource_version: str) -> None:
+        """Delete a slice only if it is still the object we saw (uid + resourceVersion preconditions)."""
+        preconditions: JsonDict = {"uid": uid}
+        if resource_version:
+            preconditions["resourceVersion"] = resource_version
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": preconditions}
+        self._resource_call("DELETE", f"resourceslices/{name}", body_for=lambda _v: body)
+
+    def watch_slices(
+        self, driver: str, node: str, resource_version: str = "", timeout_s: int = 300
+    ) -> SliceWatch:
+        """Watch this driver's slices for ``node`` from ``resource_version`` (empty: current state first).
+
+        The server ends the watch after ``timeout_s``; the caller watches again.
+        """
+        version = self.resource_api_version()
+        path = f"/apis/{RESOURCE_GROUP}/{version}/resourceslices"
+        query = [*self._slice_selector(driver, node), ("watch", "true"), ("timeoutSeconds", str(timeout_s))]
+        query.append(("allowWatchBookmarks", "false"))
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        # No total timeout on a stream: connect quickly, and allow the server's own end of the watch
+        # plus slack between two events.
+        response = self._send(
+            "GET", path, query=query, body=None, timeout=(self._timeout, timeout_s + 30.0), stream=True
+        )
+        return SliceWatch(response, path)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def _status_error(method: str, path: str, status: int, data: bytes | None) -> ApiError:
+    reason = ""
+    message = ""
+    object_name = ""
+    try:
+        body = json.loads(data) if data else {}
+        if isinstance(body, dict):
+            reason = str(body.get("reason") or "")
+            message = str(body.get("message") or "")
+            object_name = str((body.get("details") or {}).get("name") or "")
+    except ValueError:
+        message = (data or b"")[:200].decode(errors="replace")
+    text = f"{method} {path} failed with HTTP {status} {reason}: {message}".rstrip(": ")
+    error: ApiError
+    if status == 404 and not object_name:
+        error = ResourceNotServedError(
+            text + "; the server does not serve this API path", status=status, reason=reason or "NotFound"
+        )
+    elif status == 404:
+        error = ApiNotFoundError(text, status=status, reason=reason or "NotFound")
+    elif status == 409:
+        error = ApiConflictError(
+            text + "; the object changed or exists already: re-read it and retry",
+            status=status,
+            reason=reason or "Conflict",
+        )
+    elif status in (401, 403):
+        error = ApiError(
+            text + "; check the driver's RBAC (resourceslices, nodes, resourceclaims) and credentials",
+            status=status,
+            reason=reason,
+        )
+    else:
+        error = ApiError(text, status=status, reason=reason)
+    return error
+
+
+# -- version shapes ------------------------------------------------------------------------------
+
+# Device fields v1beta1 keeps inside ``devices[].basic``.
+_BASIC_FIELDS = (
+    "attributes",
+    "capacity",
+    "consumesCounters",
+    "nodeName",
+    "nodeSelector",
+    "allNodes",
+    "taints",
+    "bindsToNode",
+    "bindingConditions",
+    "bindingFailureConditions",
+    "allowMultipleAllocations",
+)
+
+
+def slice_to_version(resource_slice: JsonDict, version: str) -> JsonDict:
+    """A v1-shaped slice as ``version`` wants it on the wire (v1beta1 nests device fields in ``basic``)."""
+    out = copy.deepcopy(resource_slice)
+    out["apiVersion"] = f"{RESOURCE_GROUP}/{version}"
+    if version == "v1beta1":
+        devices = []
+        for device in (out.get("spec") or {}).get("devices") or []:
+            basic = {k: device.pop(k) for k in _BASIC_FIELDS if k in device}
+            devices.append({**device, "basic": basic} if basic else device)
+        if devices:
+            out["spec"]["devices"] = devices
+    return out
+
+
+def slice_from_version(resource_slice: JsonDict, version: str) -> JsonDict:
+    """A slice read at ``version``, in the v1 shape."""
+    out = copy.deepcopy(resource_slice)
+    out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
+    out.setdefault("kind", "ResourceSlice")
+    if version == "v1beta1":
+        devices = []
+        for device in (out.get("spec") or {}).get("devices") or []:
+            basic = device.pop("basic", None) or {}
+            devices.append({**device, **basic})
+        if devices:
+            out["spec"]["devices"] = devices
+    return out
+
+
+def normalise_claim(claim: JsonDict, version: str) -> JsonDict:
+    """A ResourceClaim read at ``version``, in the v1 shape.
+
+    The fields the driver reads (``metadata.uid``, ``status.allocation.devices.results`` and
+    ``.config``) are the same in all three versions; v1beta1 requests carry the exact-request
+    fields flat instead of under ``exactly``, which is rewrapped here.
+    """
+    out = copy.deepcopy(claim)
+    out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
+    out.setdefault("kind", "ResourceClaim")
+    if version == "v1beta1":
+        devices = (out.get("spec") or {}).get("devices") or {}
+        requests = []
+        for request in devices.get("requests") or []:
+            if "firstAvailable" in request or "exactly" in request:
+                requests.append(request)
+                continue
+            exact = {k: v for k, v in request.items() if k != "name"}
+            requests.append({"name": request.get("name", ""), "exactly": exact})
+        if requests:
+            devices["requests"] = requests
+    return out

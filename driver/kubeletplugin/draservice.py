@@ -1,0 +1,302 @@
+"""The DRA node service the kubelet calls: NodePrepareResources / NodeUnprepareResources, v1 and v1beta1.
+
+For every claim in a call: fetch it from the :class:`~driver.kubeletplugin.claims.ClaimSource`
+(outside any lock; the GET is the slow part), check it is allocated and has the UID the kubelet
+named, then hand it to the :class:`ClaimPreparer` (``driver.state.DeviceState`` in the daemon).
+Every claim UID gets an entry in the reply; one bad claim yields that claim's ``error`` and never a
+failed RPC. (The Go helper fails the whole call when a GET or the UID check fails; per-claim errors
+let the kubelet start the pods whose claims are fine.) Claims of one call run in parallel.
+
+v1beta1 is served by converting to and from v1, as the Go helper's wrapper does; it lacks
+``share_id``. Subrequest names are cut to their request (``req/sub`` -> ``req``) because the kubelet
+matches container ``resources.claims[].request`` against the top-level name.
+
+Why a synchronous ``grpc.server`` with a thread pool and not ``grpc.aio``: everything a claim
+touches below this layer blocks (the Kubernetes client, flock, fsync, NVML), so an event loop
+would only hand each call to a thread anyway; gRPC's C core does the HTTP/2 I/O without the GIL.
+
+This module knows nothing about GPUs, CDI or checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+import structlog
+
+from driver.errors import ClaimError
+from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
+from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, fetch_allocated
+
+log = structlog.get_logger(__name__)
+
+_request_ids = itertools.count(1)
+
+# Sun's sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedDevice:
+    """One device of a prepared claim, as the kubelet is told about it."""
+
+    request_names: tuple[str, ...]
+    pool: str
+    device: str
+    cdi_device_ids: tuple[str, ...]
+    share_id: str | None = None
+
+
+class ClaimPreparer(Protocol):
+    """The driver behind the service. Both calls must be idempotent and safe to run concurrently."""
+
+    def prepare(self, claim: Claim) -> Sequence[PreparedDevice]:
+        """Prepare an allocated claim (v1 JSON shape) and return its devices.
+
+        Raises:
+            ClaimError: the claim cannot be prepared; the message goes to the kubelet as is.
+        """
+        ...
+
+    def unprepare(self, ref: ClaimRef) -> None:
+        """Undo what prepare did for ``ref.uid``; an unknown claim is a success.
+
+        Raises:
+            ClaimError: the claim cannot be unprepared now; the kubelet retries.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """The reply for one claim: devices, or an error text."""
+
+    devices: tuple[PreparedDevice, ...] = ()
+    error: str = ""
+
+
+def base_request_name(name: str) -> str:
+    """``req/sub`` -> ``req``: the name the kubelet matches container requests against."""
+    return name.split("/", 1)[0]
+
+
+def _dedupe(names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _error_text(exc: BaseException, what: str, ref: ClaimRef) -> str:
+    if isinstance(exc, ClaimError):
+        return str(exc)
+    return f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+
+
+@dataclass
+class DraService:
+    """Version-neutral core of the DRA node service (what the v1 and v1beta1 servicers call)."""
+
+    preparer: ClaimPreparer
+    source: ClaimSource
+    max_parallel_claims: int = 8
+    _pool: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.max_parallel_claims, thread_name_prefix="claim")
+
+    def close(self) -> None:
+        """Stop the per-claim worker threads (after the gRPC server stopped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
+        """Prepare every claim; the result has one entry per claim UID."""
+        return self._each(refs, self._prepare_one, rpc="NodePrepareResources")
+
+    def unprepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
+        """Unprepare every claim; the result has one entry per claim UID (empty error = done)."""
+        return self._each(refs, self._unprepare_one, rpc="NodeUnprepareResources")
+
+    def _each(
+        self, refs: Sequence[ClaimRef], one: Callable[[ClaimRef, str, int], ClaimOutcome], rpc: str
+    ) -> dict[str, ClaimOutcome]:
+        if not refs:
+            return {}  # the kubelet's (and our health check's) liveness probe: answer at once
+        request_id = next(_request_ids)
+        if len(refs) == 1:
+            return {refs[0].uid: one(refs[0], rpc, request_id)}
+        futures = [self._pool.submit(one, ref, rpc, request_id) for ref in refs]
+        return {ref.uid: fut.result() for ref, fut in zip(refs, futures, strict=True)}
+
+    def _prepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
+        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+            started = time.perf_counter()
+            try:
+                claim = fetch_allocated(self.source, ref)
+                fetched = time.perf_counter()
+                devices = self.preparer.prepare(claim)
+            except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
+                self._log_failure(exc, "prepare failed")
+                return ClaimOutcome(error=_error_text(exc, "preparing", ref))
+            done = time.perf_counter()
+            log.info(
+                "claim prepared",
+                devices=[d.device for d in devices],
+                get_ms=round((fetched - started) * 1000, 3),
+                prepare_ms=round((done - fetched) * 1000, 3),
+            )
+            return ClaimOutcome(
+                devices=tuple(
+                    PreparedDevice(
+                        request_names=_dedupe([base_request_name(n) for n in d.request_names]),
+                        pool=d.pool,
+                        device=d.device,
+                        cdi_device_ids=d.cdi_device_ids,
+                        share_id=d.share_id,
+                    )
+                    for d in devices
+                )
+            )
+
+    def _unprepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
+        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+            started = time.perf_counter()
+            try:
+                self.preparer.unprepare(ref)
+            except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
+                self._log_failure(exc, "unprepare failed")
+                return ClaimOutcome(error=_error_text(exc, "unpreparing", ref))
+            log.info("claim unprepared", unprepare_ms=round((time.perf_counter() - started) * 1000, 3))
+            return ClaimOutcome()
+
+    @staticmethod
+    def _log_failure(exc: Exception, event: str) -> None:
+        if isinstance(exc, ClaimError):
+            log.warning(event, error=str(exc), error_type=type(exc).__name__)
+        else:
+            log.error(event, error_type=type(exc).__name__, exc_info=exc)
+
+
+def _refs(claims: Sequence[dra_v1_pb2.Claim] | Sequence[dra_v1beta1_pb2.Claim]) -> list[ClaimRef]:
+    return [ClaimRef(namespace=c.namespace, name=c.name, uid=c.uid) for c in claims]
+
+
+class V1Servicer(dra_v1_pb2_grpc.DRAPluginServicer):
+    """``k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin``."""
+
+    def __init__(self, service: DraService) -> None:
+        self._service = service
+
+    def NodePrepareResources(
+        self, request: dra_v1_pb2.NodePrepareResourcesRequest, context: grpc.ServicerContext
+    ) -> dra_v1_pb2.NodePrepareResourcesResponse:
+        """Prepare each claim; one entry per claim UID."""
+        response = dra_v1_pb2.NodePrepareResourcesResponse()
+        for uid, outcome in self._service.prepare(_refs(request.claims)).items():
+            entry = response.claims[uid]  # creates the entry even when it stays empty
+            if outcome.error:
+                entry.error = outcome.error
+                continue
+            for d in outcome.devices:
+                device = entry.devices.add(
+                    request_names=d.request_names,
+                    pool_name=d.pool,
+                    device_name=d.device,
+                    cdi_device_ids=d.cdi_device_ids,
+                )
+                if d.share_id:
+                    device.share_id = d.share_id
+        return response
+
+    def NodeUnprepareResources(
+        self, request: dra_v1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
+    ) -> dra_v1_pb2.NodeUnprepareResourcesResponse:
+        """Unprepare each claim; one entry per claim UID, empty error = success."""
+        response = dra_v1_pb2.NodeUnprepareResourcesResponse()
+        for uid, outcome in self._service.unprepare(_refs(request.claims)).items():
+            response.claims[uid].error = outcome.error
+        return response
+
+
+class V1Beta1Servicer(dra_v1beta1_pb2_grpc.DRAPluginServicer):
+    """``k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin`` (kubelet 1.32/1.33): v1 without share_id."""
+
+    def __init__(self, service: DraService) -> None:
+        self._service = service
+
+    def NodePrepareResources(
+        self, request: dra_v1beta1_pb2.NodePrepareResourcesRequest, context: grpc.ServicerContext
+    ) -> dra_v1beta1_pb2.NodePrepareResourcesResponse:
+        """Prepare each claim; one entry per claim UID."""
+        response = dra_v1beta1_pb2.NodePrepareResourcesResponse()
+        for uid, outcome in self._service.prepare(_refs(request.claims)).items():
+            entry = response.claims[uid]
+            if outcome.error:
+                entry.error = outcome.error
+                continue
+            for d in outcome.devices:
+                entry.devices.add(
+                    request_names=d.request_names,
+                    pool_name=d.pool,
+                    device_name=d.device,
+                    cdi_device_ids=d.cdi_device_ids,
+                )
+        return response
+
+    def NodeUnprepareResources(
+        self, request: dra_v1beta1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
+    ) -> dra_v1beta1_pb2.NodeUnprepareResourcesResponse:
+        """Unprepare each claim; one entry per claim UID, empty error = success."""
+        response = dra_v1beta1_pb2.NodeUnprepareResourcesResponse()
+        for uid, outcome in self._service.unprepare(_refs(request.claims)).items():
+            response.claims[uid].error = outcome.error
+        return response
+
+
+def unix_target(path: Path) -> str:
+    """The gRPC address of a Unix socket at ``path``.
+
+    Raises:
+        ValueError: ``path`` is too long for a Unix socket address.
+    """
+    absolute = path.absolute()
+    if len(str(absolute).encode()) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"socket path {absolute} is longer than {MAX_SOCKET_PATH} bytes, the Unix socket limit; "
+            "use a shorter --kubelet-plugins-directory-path / --kubelet-registrar-directory-path"
+        )
+    return f"unix://{absolute}"
+
+
+def serve(
+    socket_path: Path,
+    register: Sequence[Callable[[grpc.Server], None]],
+    max_workers: int = 16,
+) -> grpc.Server:
+    """Start a gRPC server on ``socket_path`` with the given ``add_*_to_server`` callbacks.
+
+    The socket accepts connections when this returns.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"grpc-{socket_path.stem}"),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    for add in register:
+        add(server)
+    server.add_insecure_port(unix_target(socket_path))
+    server.start()
+    return server
+
+
+def dra_handlers(service: DraService) -> list[Callable[[grpc.Server], None]]:
+    """The callbacks that add the v1 and v1beta1 DRA servicers to a server."""
+    v1 = V1Servicer(service)
+    v1beta1 = V1Beta1Servicer(service)
+    return [
+        lambda s: dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(v1, s),
+        lambda s: dra_v1beta1_pb2_grpc.add_DRAPluginServicer_to_server(v1beta1, s),
+    ]

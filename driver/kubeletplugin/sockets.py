@@ -1,0 +1,86 @@
+"""Where the plugin's two Unix sockets live, and their life cycle on disk.
+
+The kubelet finds the plugin through ``<registry>/<driver>-reg.sock`` and then talks DRA over
+``<plugins>/<driver>/dra.sock``. With a pod UID (rolling update) both names carry the UID so two
+instances can overlap. A socket file left by an earlier run of *this* instance is replaced before
+listening; on exit only the sockets this process created are removed, never another instance's
+(the kubelet deregisters a plugin when its registration socket disappears).
+
+This module does not start servers; it only names, prepares and removes socket files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketPaths:
+    """The DRA service socket and the registration socket of one plugin instance."""
+
+    dra: Path
+    registration: Path
+
+    @classmethod
+    def for_driver(
+        cls, registry_dir: Path, plugins_dir: Path, driver_name: str, pod_uid: str | None = None
+    ) -> SocketPaths:
+        """Socket paths as the Go helper names them (per-instance names when ``pod_uid`` is given)."""
+        data_dir = plugins_dir / driver_name
+        if pod_uid:
+            return cls(data_dir / f"dra-{pod_uid}.sock", registry_dir / f"{driver_name}-{pod_uid}-reg.sock")
+        return cls(data_dir / "dra.sock", registry_dir / f"{driver_name}-reg.sock")
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Create the parent directory and remove a stale socket at ``path`` so ``bind`` can succeed.
+
+    Raises:
+        FileExistsError: ``path`` exists and is not a socket (never delete a file we do not own).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(
+            f"{path} exists and is not a socket; remove it or choose another directory for the plugin"
+        )
+    path.unlink()
+    log.info("removed stale socket", path=str(path))
+
+
+@dataclass(slots=True)
+class OwnedSocket:
+    """A socket file this process bound; remembers its inode so removal never hits a successor's."""
+
+    path: Path
+    inode: int | None = None
+
+    def mark_bound(self) -> None:
+        """Record the inode of the socket file right after binding."""
+        with contextlib.suppress(FileNotFoundError):
+            self.inode = os.lstat(self.path).st_ino
+
+    def remove(self) -> bool:
+        """Remove the socket if it is still ours; return whether a file was removed."""
+        try:
+            current = os.lstat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+        if self.inode is not None and current != self.inode:
+            log.warning("socket replaced by another process, leaving it", path=str(self.path))
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+            return True
+        return False

@@ -1,0 +1,736 @@
+"""DeviceState: what preparing and unpreparing a claim does on this node, top to bottom.
+
+Prepare, for one allocated claim:
+
+1. keep the results whose driver is ours and look each device up in the inventory;
+2. take the locks of the physical GPUs involved (claims on other GPUs run in parallel);
+3. a claim already ``PrepareCompleted`` returns its recorded devices, with no side effects;
+4. refuse a device another prepared claim holds (unless this result has admin access);
+5. roll back what an earlier, unfinished attempt may have left (``PrepareStarted``);
+6. record ``PrepareStarted`` with the planned devices *before* any side effect;
+7. device actions: nothing for a full GPU or static MIG device, create a dynamic MIG device;
+   then sharing per config group (time-slicing, MPS);
+8. write the claim's CDI spec (common edits + per-device edits);
+9. record ``PrepareCompleted``: from here on the checkpoint is what unprepare undoes.
+
+Unprepare undoes exactly what the checkpoint recorded; an unknown claim is a success.
+:meth:`DeviceState.reconcile` runs once at start-up.
+
+This module does not talk gRPC or fetch claims (``driver.kubeletplugin``), and does not build
+CDI edits or drive MIG/MPS itself: those sit behind the seams at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from cdi.edits import common_edits, gpu_edits, mig_edits
+from cdi.errors import CdiError as CdiPackageError
+from cdi.errors import DeviceNodeMissingError
+from cdi.names import KIND, device_name, qualified_device_id
+from cdi.spec import ContainerEdits, Device, new_spec
+from cdi.store import CdiStore
+from driver.checkpoint import (
+    PREPARE_COMPLETED,
+    PREPARE_STARTED,
+    CheckpointStore,
+    PreparedClaim,
+    PreparedDevice,
+)
+from driver.config import Config
+from driver.errors import (
+    CheckpointCorruptError,
+    ClaimError,
+    DriverError,
+    PermanentClaimError,
+    TemporaryClaimError,
+)
+from driver.flock import FileLock, LockTimeoutError
+from driver.inventory import AllocatableDevice, Inventory
+from driver.kubeletplugin.claims import Claim, ClaimRef
+from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
+from mig.spec import MigLive, MigSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One allocation result of ours, matched to the inventory device it names."""
+
+    result: Mapping[str, Any]
+    device: AllocatableDevice
+
+    @property
+    def request(self) -> str:
+        return str(self.result.get("request", ""))
+
+    @property
+    def admin_access(self) -> bool:
+        return bool(self.result.get("adminAccess"))
+
+    @property
+    def share_id(self) -> str | None:
+        share = self.result.get("shareID")
+        return str(share) if share else None
+
+
+class DeviceState:
+    """Prepares and unprepares claims; thread-safe; every public call is idempotent."""
+
+    def __init__(
+        self,
+        *,
+        driver_name: str,
+        pool_name: str,
+        inventory: Inventory,
+        checkpoint: CheckpointStore,
+        cdi: CdiStore,
+        edits: EditsSource,
+        locks: DeviceLocks,
+        actions: Mapping[str, DeviceAction] | None = None,
+        sharing: SharingAction | None = None,
+    ) -> None:
+        self.driver_name = driver_name
+        self.pool_name = pool_name
+        self.inventory = inventory
+        self.checkpoint = checkpoint
+        self.cdi = cdi
+        self.edits = edits
+        self.locks = locks
+        self.actions: Mapping[str, DeviceAction] = actions or default_actions()
+        self.sharing: SharingAction = sharing or NoSharing(driver_name)
+        self._cp_guard = threading.Lock()
+
+    # ---- prepare ------------------------------------------------------------------------------
+
+    def prepare(self, claim: Claim) -> list[ReplyDevice]:
+        """Prepare an allocated claim (v1 JSON shape) and return its devices for the kubelet.
+
+        Raises:
+            PermanentClaimError: the claim names devices this node cannot give (unknown, held by
+                another claim, bad config, missing device node).
+            TemporaryClaimError: a lock, NVML or the file system failed in a way a retry may fix.
+        """
+        ref = claim_ref(claim)
+        planned = self._plan(claim)
+        with self.locks.hold(lock_keys(ref.uid, planned)):
+            claims = self._all()
+            recorded = claims.get(ref.uid)
+            if recorded is not None and recorded.state == PREPARE_COMPLETED:
+                log.debug("claim already prepared")
+                return reply_devices(recorded)
+            self._refuse_held_devices(ref.uid, planned, claims.values())
+            if recorded is not None:
+                log.info("rolling back unfinished prepare", devices=[d.device for d in recorded.devices])
+                self._rollback(recorded)
+            started = PreparedClaim(
+                uid=ref.uid,
+                namespace=ref.namespace,
+                name=ref.name,
+                state=PREPARE_STARTED,
+                devices=[self._planned_record(ref.uid, p) for p in planned],
+                sharing=[],
+                started_at=time.time(),
+            )
+            self._put(started)
+            try:
+                completed = self._act(claim, started, planned)
+            except Exception as exc:
+                self._rollback_after_failure(started)
+                raise as_claim_error(exc, ref) from exc
+            self._put(completed)
+            return reply_devices(completed)
+
+    def _plan(self, claim: Claim) -> list[Planned]:
+        results = ((claim.get("status") or {}).get("allocation") or {}).get("devices", {}).get(
+            "results"
+        ) or []
+        planned: list[Planned] = []
+        for result in results:
+            if result.get("driver") != self.driver_name:
+                continue  # another driver's device in a shared claim
+            pool, name = result.get("pool"), result.get("device")
+            device = self.inventory.get(str(name))
+            if pool != self.pool_name or device is None:
+                raise PermanentClaimError(
+                    f"allocated device {pool}/{name} (request {result.get('request')}) is not published "
+                    f"by this node (pool {self.pool_name}); the claim was allocated for another node or "
+                    "against an outdated ResourceSlice - delete and recreate the pod's claim"
+                )
+            planned.append(Planned(result, device))
+        return planned
+
+    def _refuse_held_devices(
+        self, uid: str, planned: Sequence[Planned], claims: Iterable[PreparedClaim]
+    ) -> None:
+        exclusive = {p.device.name: p for p in planned if not p.admin_access and p.share_id is None}
+        if not exclusive:
+            return
+        for other in claims:
+            if other.uid == uid or other.state != PREPARE_COMPLETED:
+                continue
+            for held in other.devices:
+                if held.device in exclusive and not held.admin_access and held.share_id is None:
+                    raise PermanentClaimError(
+                        f"device {held.device} is already prepared for claim {other.namespace}/{other.name}:"
+                        f"{other.uid}; a device is given to one claim at a time - wait for that pod to end "
+                        "(or use adminAccess for monitoring)"
+                    )
+
+    def _planned_record(self, uid: str, p: Planned) -> PreparedDevice:
+        return PreparedDevice(
+            request_names=[p.request],
+            pool=self.pool_name,
+            device=p.device.name,
+            cdi_device_ids=[qualified_device_id(uid, p.device.name)],
+            kind=p.device.kind,
+            gpu_uuid=p.device.gpu_uuid,
+            share_id=p.share_id,
+            admin_access=p.admin_access,
+            mig=None,
+        )
+
+    def _act(self, claim: Claim, started: PreparedClaim, planned: Sequence[Planned]) -> PreparedClaim:
+        uid = started.uid
+        devices: list[PreparedDevice] = []
+        for record, p in zip(started.devices, planned, strict=True):
+            live = self.actions[p.device.kind].prepare(p.device)
+            devices.append(replace(record, mig=mig_record(live)) if live is not None else record)
+        if any(d.mig is not None for d in devices):
+            # Record created MIG devices before the next step can fail, so a rollback finds them
+            # by their live ids and not only by placement.
+            self._put(replace(started, devices=devices))
+        outcome = self.sharing.apply(uid, claim, [p.device for p in planned])
+        if outcome.records:
+            self._put(replace(started, devices=devices, sharing=list(outcome.records)))
+        self._write_cdi_spec(uid, devices, planned, outcome.edits)
+        return replace(
+            started,
+            state=PREPARE_COMPLETED,
+            devices=devices,
+            sharing=list(outcome.records),
+            completed_at=time.time(),
+        )
+
+    def _write_cdi_spec(
+        self,
+        uid: str,
+        devices: Sequence[PreparedDevice],
+        planned: Sequence[Planned],
+        sharing_edits: Mapping[str, ContainerEdits],
+    ) -> None:
+        if not devices:
+            return  # nothing of ours in this claim: no spec, and no CDI ids handed out
+        cdi_devices = [
+            Device(
+                name=device_name(uid, d.device),
+                container_edits=self.edits.for_device(p.device, mig_live(d.mig)).merged(
+                    sharing_edits.get(d.device, ContainerEdits())
+                ),
+            )
+            for d, p in zip(devices, planned, strict=True)
+        ]
+        self.cdi.write_claim_spec(uid, new_spec(KIND, cdi_devices, self.edits.common()))
+
+    # ---- unprepare ----------------------------------------------------------------------------
+
+    def unprepare(self, ref: ClaimRef) -> None:
+        """Undo what the checkpoint recorded for ``ref.uid``; an unknown claim is a success.
+
+        Raises:
+            TemporaryClaimError: an undo step failed; the entry stays so the kubelet's retry can
+                finish the job.
+        """
+        recorded = self._get(ref.uid)
+        if recorded is None:
+            log.debug("claim not prepared here, nothing to undo")
+            return
+        with self.locks.hold(lock_keys(ref.uid, recorded.devices)):
+            recorded = self._get(ref.uid)  # may have changed while we waited
+            if recorded is None:
+                return
+            try:
+                if recorded.state == PREPARE_COMPLETED:
+                    self._undo(recorded)
+                else:
+                    self._rollback(recorded)
+            except Exception as exc:
+                raise as_claim_error(exc, ref, temporary=True) from exc
+            self._remove(ref.uid)
+            log.info("claim unprepared", devices=[d.device for d in recorded.devices])
+
+    def _undo(self, recorded: PreparedClaim) -> None:
+        """Undo a completed prepare from recorded data only (the inventory may have changed)."""
+        self.sharing.undo(recorded.uid, recorded.sharing)
+        for d in recorded.devices:
+            self.actions.get(d.kind, NO_ACTION).unprepare(d)
+        self.cdi.remove_claim_spec(recorded.uid)
+
+    def _rollback(self, recorded: PreparedClaim) -> None:
+        """Undo whatever an unfinished prepare may have done; every step tolerates "never happened"."""
+        self.sharing.undo(recorded.uid, recorded.sharing)
+        for d in recorded.devices:
+            action = self.actions.get(d.kind, NO_ACTION)
+            if d.mig is not None:
+                action.unprepare(d)
+            else:
+                action.rollback(self.inventory.get(d.device))
+        self.cdi.remove_claim_spec(recorded.uid)
+
+    def _rollback_after_failure(self, started: PreparedClaim) -> None:
+        latest = self._get(started.uid) or started
+        try:
+            self._rollback(latest)
+        except Exception:
+            # Keep PrepareStarted: the kubelet's retry and start-up reconcile roll back again.
+            log.exception("rollback after failed prepare failed; left for the next attempt")
+            return
+        self._remove(started.uid)
+
+    # ---- start-up -----------------------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Bring node state in line with the checkpoint once, before serving the kubelet.
+
+        The checkpoint store itself drops claims of an earlier boot and moves a corrupt file
+        aside. Here: roll back ``PrepareStarted`` claims and remove claim CDI specs (and stray
+        temp files) that no checkpoint entry owns.
+        """
+        report = ReconcileReport()
+        for claim in list(self._all().values()):
+            if claim.state == PREPARE_COMPLETED:
+                continue
+            with self.locks.hold(lock_keys(claim.uid, claim.devices)):
+                try:
+                    self._rollback(claim)
+                except Exception as exc:  # one stuck claim must not stop the plugin
+                    report.problems.append(f"rollback of claim {claim.uid} failed: {exc}")
+                    log.exception("start-up rollback failed", claim_uid=claim.uid)
+                    continue
+                self._remove(claim.uid)
+                report.rolled_back.append(claim.uid)
+        known = set(self._all())
+        for path in [*self.cdi.orphans(known), *self.cdi.stray_temp_files()]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                report.removed_specs.append(path)
+        log.info(
+            "start-up reconcile done",
+            rolled_back=report.rolled_back,
+            removed_specs=[p.name for p in report.removed_specs],
+            problems=report.problems,
+        )
+        return report
+
+    # ---- checkpoint helpers -------------------------------------------------------------------
+    # The store's file lock keeps processes apart; this in-process lock keeps our own threads
+    # from polling that flock against each other (cheaper, and fair).
+
+    def _get(self, uid: str) -> PreparedClaim | None:
+        with self._cp_guard:
+            return self.checkpoint.get(uid)
+
+    def _all(self) -> dict[str, PreparedClaim]:
+        with self._cp_guard:
+            return self.checkpoint.load()
+
+    def _put(self, claim: PreparedClaim) -> None:
+        try:
+            with self._cp_guard:
+                self.checkpoint.put(claim)
+        except DriverError as exc:
+            raise TemporaryClaimError(
+                f"could not record claim {claim.uid} as {claim.state} in the checkpoint: {exc}; "
+                "check free space and permissions of the plugin's state directory"
+            ) from exc
+
+    def _remove(self, uid: str) -> None:
+        try:
+            with self._cp_guard:
+                self.checkpoint.remove(uid)
+        except DriverError as exc:
+            raise TemporaryClaimError(
+                f"could not remove claim {uid} from the checkpoint: {exc}; "
+                "check free space and permissions of the plugin's state directory"
+            ) from exc
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    """What start-up reconcile did (logged, and shown by the debug CLI)."""
+
+    rolled_back: list[str] = field(default_factory=list)
+    removed_specs: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+# ---- small pure helpers -----------------------------------------------------------------------
+
+
+def claim_ref(claim: Claim) -> ClaimRef:
+    """The claim's namespace/name/UID from its metadata."""
+    meta = claim.get("metadata") or {}
+    return ClaimRef(str(meta.get("namespace", "")), str(meta.get("name", "")), str(meta.get("uid", "")))
+
+
+def lock_keys(uid: str, devices: Sequence[Planned] | Sequence[PreparedDevice]) -> list[str]:
+    """The physical GPUs a claim touches, or the claim itself when it has no device of ours."""
+    uuids = {d.device.gpu_uuid if isinstance(d, Planned) else d.gpu_uuid for d in devices}
+    return sorted(uuids) or [f"claim-{uid}"]
+
+
+def reply_devices(claim: PreparedClaim) -> list[ReplyDevice]:
+    """The kubelet's view of a prepared claim's devices."""
+    return [
+        ReplyDevice(
+            request_names=tuple(d.request_names),
+            pool=d.pool,
+            device=d.device,
+            cdi_device_ids=tuple(d.cdi_device_ids),
+            share_id=d.share_id,
+        )
+        for d in claim.devices
+    ]
+
+
+def mig_record(live: MigLive) -> dict[str, int | str]:
+    """A live MIG device as the checkpoint stores it."""
+    return dict(dataclasses.asdict(live))
+
+
+def mig_live(record: Mapping[str, int | str] | None) -> MigLive | None:
+    """The live MIG device a checkpoint record describes (None for a full GPU)."""
+    if record is None:
+        return None
+    try:
+        return MigLive(**record)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise CheckpointCorruptError(
+            f"checkpoint MIG record {dict(record)} does not describe a MIG device ({exc}); "
+            "the checkpoint was written by an incompatible version"
+        ) from exc
+
+
+def mig_live_required(recorded: PreparedDevice) -> MigLive:
+    """The live MIG device of ``recorded``, which must have one."""
+    live = mig_live(recorded.mig)
+    if live is None:
+        raise CheckpointCorruptError(f"device {recorded.device} has no MIG record")
+    return live
+
+
+def as_claim_error(exc: Exception, ref: ClaimRef, *, temporary: bool = False) -> ClaimError:
+    """Map any failure inside prepare/unprepare to the ClaimError the kubelet is shown."""
+    if isinstance(exc, ClaimError):
+        return exc
+    if isinstance(exc, DeviceNodeMissingError):
+        return PermanentClaimError(f"claim {ref}: {exc}")
+    if isinstance(exc, CdiPackageError):
+        return PermanentClaimError(f"claim {ref}: the CDI spec could not be built: {exc}")
+    if isinstance(exc, ValueError) and not temporary:
+        return PermanentClaimError(f"claim {ref}: {exc}")
+    return TemporaryClaimError(f"claim {ref}: {type(exc).__name__}: {exc}; the kubelet will retry")
+
+
+# ---- seams ------------------------------------------------------------------------------------
+
+
+class EditsSource(Protocol):
+    """Builds CDI container edits (``cdi.edits`` over the driver root in the daemon)."""
+
+    def common(self) -> ContainerEdits:
+        """Edits every device of every claim needs (control nodes, libraries, hooks)."""
+        ...
+
+    def for_device(self, device: AllocatableDevice, mig: MigLive | None) -> ContainerEdits:
+        """Edits of one device.
+
+        Raises:
+            DeviceNodeMissingError: a device node it needs does not exist (message names it).
+        """
+        ...
+
+
+class DeviceAction(Protocol):
+    """What preparing one kind of device does to the hardware, and how to undo it."""
+
+    def prepare(self, device: AllocatableDevice) -> MigLive | None:
+        """Make ``device`` usable; return the live MIG device when one was created."""
+        ...
+
+    def rollback(self, device: AllocatableDevice | None) -> None:
+        """Undo a prepare that may have half-happened (``device`` None: no longer in the inventory)."""
+        ...
+
+    def unprepare(self, recorded: PreparedDevice) -> None:
+        """Undo a completed prepare from its record."""
+        ...
+
+
+class NoAction:
+    """Full GPUs and static MIG devices: the device already exists, nothing to do."""
+
+    def prepare(self, device: AllocatableDevice) -> MigLive | None:
+        return None
+
+    def rollback(self, device: AllocatableDevice | None) -> None:
+        return None
+
+    def unprepare(self, recorded: PreparedDevice) -> None:
+        return None
+
+
+NO_ACTION = NoAction()
+
+
+class MigDevices(Protocol):
+    """The subset of ``mig.manager.MigManager`` dynamic MIG needs."""
+
+    def create(self, spec: MigSpec) -> MigLive: ...
+
+    def destroy(self, live: MigLive) -> bool: ...
+
+    def rollback(self, spec: MigSpec) -> bool: ...
+
+
+class DynamicMigAction:
+    """Dynamic MIG: create the GI/CI on prepare, destroy the recorded one on unprepare."""
+
+    def __init__(self, mig: MigDevices) -> None:
+        self._mig = mig
+
+    def prepare(self, device: AllocatableDevice) -> MigLive | None:
+        if device.mig_spec is None:
+            raise PermanentClaimError(f"device {device.name} is a dynamic MIG device without a MIG spec")
+        return self._mig.create(device.mig_spec)
+
+    def rollback(self, device: AllocatableDevice | None) -> None:
+        if device is not None and device.mig_spec is not None:
+            self._mig.rollback(device.mig_spec)
+
+    def unprepare(self, recorded: PreparedDevice) -> None:
+        if recorded.mig is not None:
+            self._mig.destroy(mig_live_required(recorded))
+
+
+class Unsupported:
+    """A device kind this build or configuration cannot prepare; says what to enable."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+
+    def prepare(self, device: AllocatableDevice) -> MigLive | None:
+        raise PermanentClaimError(f"device {device.name} cannot be prepared: {self._why}")
+
+    def rollback(self, device: AllocatableDevice | None) -> None:
+        return None
+
+    def unprepare(self, recorded: PreparedDevice) -> None:
+        return None
+
+
+def default_actions(mig: MigDevices | None = None) -> dict[str, DeviceAction]:
+    """Device actions by :data:`driver.inventory.DeviceKind`."""
+    return {
+        "gpu": NO_ACTION,
+        "mig-static": NO_ACTION,
+        "mig-dynamic": DynamicMigAction(mig)
+        if mig is not None
+        else Unsupported("dynamic MIG is not enabled on this node (feature gate DynamicMIG)"),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class SharingOutcome:
+    """What applying sharing did: records for undo (checkpointed) and extra CDI edits per device."""
+
+    records: tuple[dict[str, Any], ...] = ()
+    edits: Mapping[str, ContainerEdits] = field(default_factory=dict)
+
+
+class SharingAction(Protocol):
+    """Applies a claim's sharing configs (time-slicing, MPS) per config group; undoes them from records."""
+
+    def apply(self, claim_uid: str, claim: Claim, devices: Sequence[AllocatableDevice]) -> SharingOutcome:
+        """Apply sharing for the claim's config groups.
+
+        Raises:
+            ClaimError: a config is invalid or cannot be applied.
+        """
+        ...
+
+    def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Undo what :meth:`apply` recorded; tolerate records of things that never happened."""
+        ...
+
+
+class NoSharing:
+    """Decodes opaque configs strictly, applies none: sharing is refused with what to enable.
+
+    The seam where ``sharing.timeslicing`` / ``sharing.mps`` plug in.
+    """
+
+    def __init__(self, driver_name: str = "gpu.nvidia.com") -> None:
+        self._driver = driver_name
+
+    def apply(self, claim_uid: str, claim: Claim, devices: Sequence[AllocatableDevice]) -> SharingOutcome:
+        from sharing.config import resolve_groups
+        from sharing.errors import ConfigError as SharingConfigError
+
+        alloc = (claim.get("status") or {}).get("allocation") or {}
+        results = (alloc.get("devices") or {}).get("results") or []
+        configs = (alloc.get("devices") or {}).get("config") or []
+        kinds = {d.name: ("gpu" if d.kind == "gpu" else "mig") for d in devices}
+        try:
+            groups = resolve_groups(results, configs, self._driver, lambda name: kinds.get(name, "unknown"))
+        except SharingConfigError as exc:
+            raise PermanentClaimError(f"invalid opaque device config: {exc}; fix the claim or class") from exc
+        for group in groups:
+            if group.sharing is not None:
+                raise PermanentClaimError(
+                    f"sharing strategy {group.sharing.strategy} is not enabled on this node; enable the "
+                    "TimeSlicingSettings / MPSSupport feature gate or remove the sharing config"
+                )
+        return SharingOutcome()
+
+    def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
+        return None
+
+
+class DriverRootEdits:
+    """CDI edits from the driver root the plugin sees, with host paths for the runtime.
+
+    The common edits scan the driver root, so they are computed once and cached; a failure is
+    not cached (the next claim tries again and reports what is missing).
+    """
+
+    def __init__(
+        self,
+        *,
+        driver_root: Path,
+        host_driver_root: Path,
+        dev_root: Path,
+        proc_root: Path,
+        hook_path: str,
+    ) -> None:
+        self._driver_root = driver_root
+        self._host_driver_root = host_driver_root
+        self._dev_root = dev_root
+        self._proc_root = proc_root
+        self._hook_path = hook_path
+        self._common: ContainerEdits | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DriverRootEdits:
+        """Edits for the daemon's configured roots."""
+        hook = cfg.nvidia_cdi_hook_path or (cfg.driver_root / "usr/bin/nvidia-cdi-hook")
+        return cls(
+            driver_root=cfg.container_driver_root,
+            host_driver_root=cfg.driver_root,
+            dev_root=cfg.dev_root,
+            proc_root=cfg.proc_root,
+            hook_path=str(hook),
+        )
+
+    def _host(self, root: Path, seen_as: Path) -> str | None:
+        return None if root == seen_as else str(root)
+
+    def common(self) -> ContainerEdits:
+        with self._lock:
+            if self._common is None:
+                self._common = common_edits(
+                    self._driver_root,
+                    self._dev_root,
+                    self._hook_path,
+                    host_driver_root=self._host(self._host_driver_root, self._driver_root),
+                )
+            return self._common
+
+    def for_device(self, device: AllocatableDevice, mig: MigLive | None) -> ContainerEdits:
+        live = mig or device.mig_live
+        if device.kind == "gpu":
+            return gpu_edits(self._dev_root, device.gpu_minor)
+        if live is None:
+            raise PermanentClaimError(
+                f"MIG device {device.name} has no live instance to hand out; the plugin's inventory is out "
+                "of date - restart the plugin"
+            )
+        return mig_edits(self._dev_root, self._proc_root, live.parent_minor, live.gi_id, live.ci_id)
+
+
+# ---- locks ------------------------------------------------------------------------------------
+
+
+class DeviceLocks:
+    """Locks keyed by physical GPU UUID: one thread per GPU in this process, and with ``lock_dir``
+    one process per GPU on the node (two plugin instances overlap during a rolling update).
+
+    Keys are always taken in sorted order, so two multi-GPU claims cannot deadlock.
+    """
+
+    def __init__(self, lock_dir: Path | None = None, timeout_s: float = 10.0) -> None:
+        self._lock_dir = lock_dir
+        self._timeout_s = timeout_s
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        if lock_dir is not None:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+
+    def _thread_lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    @contextlib.contextmanager
+    def hold(self, keys: Sequence[str]) -> Iterator[None]:
+        """Hold every lock in ``keys`` for the block.
+
+        Raises:
+            TemporaryClaimError: a lock was not free within the timeout.
+        """
+        with contextlib.ExitStack() as stack:
+            deadline = time.monotonic() + self._timeout_s
+            for key in sorted(set(keys)):
+                lock = self._thread_lock(key)
+                if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise TemporaryClaimError(
+                        f"timed out after {self._timeout_s:.0f}s waiting for the lock of {key}: another "
+                        "prepare or unprepare on that GPU is still running; the kubelet will retry"
+                    )
+                stack.callback(lock.release)
+                if self._lock_dir is not None:
+                    remaining = max(0.1, deadline - time.monotonic())
+                    try:
+                        stack.enter_context(FileLock(self._lock_dir / f"{key}.lock", remaining))
+                    except LockTimeoutError as exc:
+                        raise TemporaryClaimError(str(exc)) from exc
+            yield
+
+
+__all__ = [
+    "PREPARE_COMPLETED",
+    "PREPARE_STARTED",
+    "CheckpointCorruptError",
+    "DeviceAction",
+    "DeviceLocks",
+    "DeviceState",
+    "DynamicMigAction",
+    "EditsSource",
+    "NoAction",
+    "NoSharing",
+    "ReconcileReport",
+    "SharingAction",
+    "SharingOutcome",
+    "Unsupported",
+    "default_actions",
+]
