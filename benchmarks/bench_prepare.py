@@ -34,7 +34,7 @@ from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc  # noqa: E402
 from driver.kubeletplugin import KubeletPlugin, SocketPaths  # noqa: E402
 from driver.kubeletplugin.claims import ClaimRef, StaticClaimSource  # noqa: E402
 from driver.kubeletplugin.draservice import DraService, PreparedDevice  # noqa: E402
-from driver.state import DeviceState  # noqa: E402
+from driver.state import DeviceLocks, DeviceState  # noqa: E402
 from tests.integration.test_state import DRIVER, make_claim, make_node  # noqa: E402
 
 
@@ -77,8 +77,15 @@ def claim_msg(claim: dict[str, Any]) -> dra_v1_pb2.Claim:
     return dra_v1_pb2.Claim(namespace=m["namespace"], name=m["name"], uid=m["uid"])
 
 
+def plugin_node(work: Path, cdi: Path) -> Any:
+    """A node set up as the daemon runs it: single instance, CDI specs on tmpfs like /var/run/cdi."""
+    node = make_node(work, single_instance=True, locks=DeviceLocks(None))
+    node.cdi.root = cdi
+    return node
+
+
 def bench_sequential(work: Path, sockets: Path, iterations: int) -> None:
-    node = make_node(work / "seq")
+    node = plugin_node(work / "seq", sockets / "cdi-seq")
     source = StaticClaimSource()
     timed = TimedPreparer(node.state)
     paths = SocketPaths.for_driver(sockets / "reg", sockets / "plug", DRIVER)
@@ -95,7 +102,9 @@ def bench_sequential(work: Path, sockets: Path, iterations: int) -> None:
             t0 = time.perf_counter()
             resp = stub.NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[msg]), timeout=30)
             t1 = time.perf_counter()
-            un = stub.NodeUnprepareResources(dra_v1_pb2.NodeUnprepareResourcesRequest(claims=[msg]), timeout=30)
+            un = stub.NodeUnprepareResources(
+                dra_v1_pb2.NodeUnprepareResourcesRequest(claims=[msg]), timeout=30
+            )
             t2 = time.perf_counter()
             assert not resp.claims[msg.uid].error and not un.claims[msg.uid].error
             if i >= 20:  # warm-up excluded
@@ -103,7 +112,9 @@ def bench_sequential(work: Path, sockets: Path, iterations: int) -> None:
                 whole_unprep.append(t2 - t1)
     plugin.stop(0.5)
     own_prep, own_unprep = timed.prepare_s[20:], timed.unprepare_s[20:]
-    print(f"one-GPU claim, sequential, {iterations} iterations (state and CDI under {work}):")
+    print(
+        f"one-GPU claim, sequential, {iterations} iterations (checkpoint under {work}, CDI specs on tmpfs):"
+    )
     print(line("prepare, whole call", whole_prep))
     print(line("prepare, plugin's own part", own_prep))
     print(line("unprepare, whole call", whole_unprep))
@@ -115,7 +126,7 @@ def bench_sequential(work: Path, sockets: Path, iterations: int) -> None:
 
 
 def bench_burst(work: Path, sockets: Path, rounds: int) -> None:
-    node = make_node(work / "burst")
+    node = plugin_node(work / "burst", sockets / "cdi-burst")
     source = StaticClaimSource()
     paths = SocketPaths.for_driver(sockets / "reg2", sockets / "plug2", DRIVER)
     plugin = KubeletPlugin(DRIVER, paths, DraService(node.state, source))
@@ -132,11 +143,15 @@ def bench_burst(work: Path, sockets: Path, rounds: int) -> None:
             barrier = threading.Barrier(64)
             node.spec_writes.clear()
 
-            def call(k: int, claims: list[dict[str, Any]] = claims, barrier: threading.Barrier = barrier) -> float:
+            def call(
+                k: int, claims: list[dict[str, Any]] = claims, barrier: threading.Barrier = barrier
+            ) -> float:
                 msg = claim_msg(claims[k % 8])
                 barrier.wait()
                 t = time.perf_counter()
-                resp = stub.NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[msg]), timeout=60)
+                resp = stub.NodePrepareResources(
+                    dra_v1_pb2.NodePrepareResourcesRequest(claims=[msg]), timeout=60
+                )
                 assert not resp.claims[msg.uid].error, resp.claims[msg.uid].error
                 return time.perf_counter() - t
 
@@ -150,7 +165,9 @@ def bench_burst(work: Path, sockets: Path, rounds: int) -> None:
     plugin.stop(0.5)
     wall = statistics.median(walls)
     print(f"burst: 64 concurrent prepare calls, 8 claims x 8 pods over 8 GPUs, {rounds} rounds:")
-    print(f"  median burst wall time {wall * 1000:.1f} ms -> {64 / wall:.0f} calls/s, {8 / wall:.0f} claims/s")
+    print(
+        f"  median burst wall time {wall * 1000:.1f} ms -> {64 / wall:.0f} calls/s, {8 / wall:.0f} claims/s"
+    )
     print(line("per-call latency", latencies))
     print(f"  each claim prepared exactly once: {'yes' if once else 'NO'}")
 
@@ -178,7 +195,9 @@ def bench_startup(work: Path, runs: int) -> None:
             env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
             env["PYTHONPATH"] = str(REPO)
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             while not reg.exists() and proc.poll() is None and time.perf_counter() - t0 < 60:
                 time.sleep(0.002)
             times.append(time.perf_counter() - t0)
@@ -196,12 +215,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--starts", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where state and CDI files go (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where state and CDI files go (default: a temp dir)"
+    )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
     work = args.dir or Path(tempfile.mkdtemp(prefix="gd-bench-"))
-    sockets = Path(tempfile.mkdtemp(prefix="gds-", dir="/tmp"))
-    print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}")
+    # Short path (Unix socket limit); on tmpfs when there is one, as /var/run/cdi is.
+    sockets = Path(tempfile.mkdtemp(prefix="gds-", dir="/dev/shm" if Path("/dev/shm").is_dir() else "/tmp"))
+    print(
+        f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}"
+    )
     try:
         bench_sequential(work, sockets, args.iterations)
         bench_burst(work, sockets, args.rounds)

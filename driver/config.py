@@ -24,10 +24,12 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _POD_UID = re.compile(r"^[a-z0-9][-a-z0-9]{0,62}$")
 
 #: Feature gates this build knows; unknown names are rejected so a typo is not silently ignored.
+#: NVIDIA's driver keeps sharing and dynamic MIG behind alpha gates; here they are on by default so
+#: manifests written for that driver work unchanged, and a gate set to false turns the feature off.
 KNOWN_FEATURE_GATES: Mapping[str, bool] = {
-    "TimeSlicingSettings": False,
-    "MPSSupport": False,
-    "DynamicMIG": False,
+    "TimeSlicingSettings": True,
+    "MPSSupport": True,
+    "DynamicMIG": True,
     "NVMLDeviceHealthCheck": False,
     "PassthroughSupport": False,
     "ConsumableShares": False,
@@ -114,6 +116,15 @@ class Config:
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(KNOWN_FEATURE_GATES))
     """Feature gate values (defaults filled in)."""
 
+    mig_mode: str = "dynamic"
+    """dynamic: MIG layouts follow the workloads; static: publish existing MIG devices only. (MIG_MODE)"""
+
+    allow_mig_mode_change: bool = False
+    """Enable MIG mode on demand where that needs no GPU reset (Hopper+). (ALLOW_MIG_MODE_CHANGE)"""
+
+    mps_ready_timeout_s: float = 10.0
+    """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
+
     @property
     def state_dir(self) -> Path:
         """Where the checkpoint, locks and the DRA socket live."""
@@ -181,6 +192,19 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--nvidia-cdi-hook-path", ("NVIDIA_CDI_HOOK_PATH",), "Host path of nvidia-cdi-hook."),
     _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health port on localhost (-1: off).", "-1"),
     _Flag("--feature-gates", ("FEATURE_GATES",), "Feature gates, e.g. MPSSupport=true,DynamicMIG=false.", ""),
+    _Flag(
+        "--mig-mode", ("MIG_MODE",), "How MIG-capable GPUs are published.", "dynamic", ("dynamic", "static")
+    ),
+    _Flag(
+        "--allow-mig-mode-change",
+        ("ALLOW_MIG_MODE_CHANGE",),
+        "Enable MIG mode on demand where no GPU reset is needed (Hopper+): true|false.",
+        "false",
+        ("true", "false"),
+    ),
+    _Flag(
+        "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
+    ),
 )
 
 
@@ -256,6 +280,13 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         raise ConfigError(
             f"--healthcheck-port / HEALTHCHECK_PORT must be an integer, got {v['healthcheck_port']!r}"
         ) from None
+    try:
+        mps_timeout = float(v["mps_ready_timeout"] or "10")
+    except ValueError:
+        raise ConfigError(
+            "--mps-ready-timeout / MPS_READY_TIMEOUT must be a number of seconds, "
+            f"got {v['mps_ready_timeout']!r}"
+        ) from None
     no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
     driver_root = Path(v["driver_root"] or "/")
     return Config(
@@ -284,6 +315,9 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         in_cluster=bool(environ.get("KUBERNETES_SERVICE_HOST")),
         healthcheck_port=port,
         feature_gates=parse_feature_gates(v["feature_gates"] or ""),
+        mig_mode=v["mig_mode"] or "dynamic",
+        allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
+        mps_ready_timeout_s=mps_timeout,
     )
 
 
@@ -380,7 +414,8 @@ def _api_problems(cfg: Config) -> list[str]:
 
 
 def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
-    exclusive = (("DynamicMIG", "MPSSupport"), ("DynamicMIG", "PassthroughSupport"))
+    # MIG and MPS combine here (NVIDIA's driver refuses DynamicMIG with MPSSupport).
+    exclusive = (("DynamicMIG", "PassthroughSupport"),)
     return [
         f"--feature-gates / FEATURE_GATES: {a} and {b} cannot both be enabled; disable one"
         for a, b in exclusive

@@ -23,7 +23,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -40,14 +40,33 @@ from driver.kubeletplugin.claims import ClaimSource, DirectoryClaimSource, KubeC
 from driver.kubeletplugin.draservice import DraService
 
 if TYPE_CHECKING:
+    from driver.checkpoint import CheckpointStore
+    from driver.discovery import MigHook
     from driver.kube import Kube
     from driver.nvml.backend import Nvml
-    from driver.state import DeviceState
+    from driver.nvml.mig import NvmlMigBackend
+    from driver.resourceslices import SlicePublisher
+    from driver.state import DeviceState, SharingAction
 
 log = structlog.get_logger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 CHECKPOINT_FILE = "checkpoint.json"
+#: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
+MPS_HOST_LAUNCHER = (
+    "nsenter",
+    "--target",
+    "1",
+    "--mount",
+    "--pid",
+    "--",
+    "systemd-run",
+    "--scope",
+    "--collect",
+    "--unit",
+    "gpu-dra-mps-{group_id}",
+    "--",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +94,11 @@ class Daemon:
     plugin: KubeletPlugin | None = None
     state: DeviceState | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
+    _mig_backend: NvmlMigBackend | None = None
+    _nvml: Nvml | None = None
+    _checkpoint_store: CheckpointStore | None = None
+    _publisher: SlicePublisher | None = None
+    _static_fallback: bool = False
 
     def run(self) -> int:
         """Start everything, wait for a stop signal, shut down; return the exit code."""
@@ -96,10 +120,14 @@ class Daemon:
         nvml = self._open_nvml()
         if nvml is None:
             return
-        inventory = self._discover(nvml)
+        checkpoint = self._checkpoint()
+        self._mig_backend = self._mig(nvml)
+        inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
         if inventory is None:
             return
-        self.state = self._device_state(inventory)
+        self._nvml = nvml
+        self._checkpoint_store = checkpoint
+        self.state = self._device_state(inventory, checkpoint)
         self.state.reconcile()
         kube = self._kube() if (cfg.publish or cfg.fake_claims_dir is None) else None
         source: ClaimSource = (
@@ -151,14 +179,40 @@ class Daemon:
             return nvml
         return None  # pragma: no cover - the delay generator never ends
 
-    def _discover(self, nvml: Nvml) -> Inventory | None:
+    def _mig(self, nvml: Nvml) -> NvmlMigBackend | None:
+        if not self.cfg.gate("DynamicMIG") and self.cfg.mig_mode == "dynamic":
+            log.info("dynamic MIG off (feature gate DynamicMIG=false): MIG GPUs publish existing instances")
+        from driver.nvml.mig import NvmlMigBackend
+
+        return NvmlMigBackend(nvml)
+
+    def _mig_hook(self, checkpoint: CheckpointStore, mode: str) -> MigHook | None:
+        from driver.migdiscovery import make_mig_hook
+        from driver.state import mig_live
+
+        if self._mig_backend is None:
+            return None
+        if not self.cfg.gate("DynamicMIG"):
+            mode = "static"
+        # Instances recorded by completed claims are ours; anything else on a GPU is left alone.
+        owned = [
+            (live.parent_uuid, live.gi_profile_id, live.placement_start)
+            for claim in checkpoint.load().values()
+            for d in claim.devices
+            if (live := mig_live(d.mig)) is not None
+        ]
+        return make_mig_hook(
+            self._mig_backend, mode, allow_mig_mode_change=self.cfg.allow_mig_mode_change, owned=owned
+        )
+
+    def _discover(self, nvml: Nvml, mig_hook: MigHook | None = None) -> Inventory | None:
         from driver.discovery import DiscoveryError, discover
 
         # A simulated node's PCI bus ids mean nothing on this host's /sys.
         sysfs_root = None if self.cfg.nvml_backend == "fake" else Path("/sys")
         for delay in self.backoff.delays():
             try:
-                inventory = discover(nvml, self.cfg.node_name, sysfs_root=sysfs_root)
+                inventory = discover(nvml, self.cfg.node_name, sysfs_root=sysfs_root, mig_hook=mig_hook)
             except (NvmlError, DiscoveryError) as exc:
                 log.warning(
                     "GPU discovery failed, not serving an empty node; retrying",
@@ -184,17 +238,66 @@ class Daemon:
                 return None
         return None  # pragma: no cover
 
-    def _device_state(self, inventory: Inventory) -> DeviceState:
-        from cdi.store import CdiStore
+    def _checkpoint(self) -> CheckpointStore:
         from driver.checkpoint import CheckpointStore
-        from driver.state import DeviceLocks, DeviceState, DriverRootEdits, NoSharing
 
         cfg = self.cfg
         checkpoint = CheckpointStore(cfg.state_dir / CHECKPOINT_FILE, BOOT_ID_PATH)
         try:
-            checkpoint.startup()
+            report = checkpoint.startup()
         except CheckpointError as exc:
             raise CheckpointError(f"checkpoint {cfg.state_dir / CHECKPOINT_FILE} unusable: {exc}") from exc
+        for warning in report.warnings:
+            log.warning("checkpoint start-up", warning=warning)
+        return checkpoint
+
+    def _sharing(self) -> SharingAction:
+        from driver.gpusharing import GpuSharing, find_tool
+        from driver.state import NoSharing
+        from sharing.mps import MpsManager
+        from sharing.timeslicing import TimeSlicer
+
+        cfg = self.cfg
+        if not (cfg.gate("TimeSlicingSettings") or cfg.gate("MPSSupport")):
+            return NoSharing(cfg.driver_name)
+        root = cfg.container_driver_root
+        env: dict[str, str] = {}
+        launcher: tuple[str, ...] = ()
+        daemon_binary = None
+        if cfg.nvml_backend == "fake":
+            # The stand-in tools change the simulated GPU, whose state file the fake NVML shares.
+            env["GPU_DRA_FAKE_NVML_STATE"] = str(cfg.fake_state or (cfg.state_dir / "fake-nvml.json"))
+        else:
+            # A daemon started inside the plugin's container dies with it; started in the host's
+            # mount and PID namespaces in its own transient scope, it outlives plugin restarts
+            # and upgrades (the chart runs the plugin with hostPID and privileged).
+            launcher = MPS_HOST_LAUNCHER
+            daemon_binary = find_tool(cfg.driver_root, "nvidia-cuda-mps-control")
+        return GpuSharing(
+            cfg.driver_name,
+            TimeSlicer(find_tool(root, "nvidia-smi"), env),
+            MpsManager(
+                cfg.mps_root,
+                find_tool(root, "nvidia-cuda-mps-control"),
+                env,
+                cfg.mps_ready_timeout_s,
+                nvidia_smi=find_tool(root, "nvidia-smi"),
+                launcher=launcher,
+                daemon_binary=daemon_binary,
+            ),
+        )
+
+    def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
+        from cdi.store import CdiStore
+        from driver.state import DeviceLocks, DeviceState, DriverRootEdits, default_actions
+        from mig.manager import MigManager
+
+        cfg = self.cfg
+        mig = (
+            MigManager(self._mig_backend, allow_mig_mode_change=cfg.allow_mig_mode_change)
+            if self._mig_backend is not None
+            else None
+        )
         edits = DriverRootEdits.from_config(cfg)
         with contextlib.suppress(DriverError, OSError, ValueError):
             edits.common()  # warm the cache; a problem here is reported per claim, with its fix
@@ -205,8 +308,11 @@ class Daemon:
             checkpoint=checkpoint,
             cdi=CdiStore(cfg.cdi_root),
             edits=edits,
-            locks=DeviceLocks(cfg.state_dir / "locks"),
-            sharing=NoSharing(cfg.driver_name),
+            # Cross-process GPU locks matter only when two instances overlap (rolling update).
+            locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
+            actions=default_actions(mig),
+            sharing=self._sharing(),
+            single_instance=cfg.pod_uid is None,
         )
 
     def _kube(self) -> Kube:
@@ -219,9 +325,39 @@ class Daemon:
             from driver.resourceslices import SlicePublisher
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
-        publisher = SlicePublisher(kube, self.cfg.node_name, self.cfg.driver_name)
+        publisher = SlicePublisher(
+            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+        )
+        self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
+
+    def _fields_dropped(self, fields: Sequence[str]) -> None:
+        """The API server did not keep partitionable-device fields: fall back to static MIG, once.
+
+        A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
+        placements there would let the scheduler hand out overlapping MIG slices.
+        """
+        if self._static_fallback or not any("ounter" in f for f in fields):
+            log.warning("API server dropped ResourceSlice fields", fields=list(fields))
+            return
+        self._static_fallback = True
+        log.warning(
+            "API server does not keep partitionable-device fields; publishing existing MIG devices "
+            "(static MIG) instead of dynamic placements",
+            fields=list(fields),
+            fix="enable the DRAPartitionableDevices feature gate on the API server and scheduler",
+        )
+        threading.Thread(target=self._republish_static, name="static-mig-fallback", daemon=True).start()
+
+    def _republish_static(self) -> None:
+        if self._nvml is None or self._checkpoint_store is None or self.state is None:
+            return
+        inventory = self._discover(self._nvml, self._mig_hook(self._checkpoint_store, "static"))
+        if inventory is None or self._publisher is None:
+            return
+        self.state.inventory = inventory
+        self._publisher.update(inventory)
 
     def _shutdown(self) -> None:
         for close in reversed(self._closers):

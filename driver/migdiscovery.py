@@ -11,12 +11,13 @@ discovery for the full GPU, so attribute code lives in one place. No NVML calls 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from driver.inventory import AllocatableDevice, AttributeValue, CounterConsumption, CounterSet
+from driver.inventory import AllocatableDevice, AttributeValue, CounterConsumption, CounterSet, Inventory
+from driver.nvml.types import GpuInfo, SystemInfo
 from mig.backend import MigBackend
 from mig.counters import counter_set_name, full_gpu_capacity, gpu_counters, mig_consumption, profile_capacity
 from mig.profiles import GiProfile, Placement, mig_specs, profile_by_id
@@ -166,3 +167,95 @@ def discover_static(
         backend.list_instances(parent_uuid),
         parent_attributes,
     )
+
+
+MigMode = str  # "dynamic" | "static"
+
+
+def make_mig_hook(
+    backend: MigBackend,
+    mode: MigMode,
+    *,
+    allow_mig_mode_change: bool = False,
+    owned: Collection[tuple[str, int, int]] = (),
+) -> Callable[[GpuInfo, SystemInfo, AllocatableDevice], Inventory]:
+    """The discovery hook deciding what one MIG-capable GPU publishes.
+
+    MIG safety first: MIG mode is never changed where that needs a reset (Ampere and older), while
+    a mode change is pending, or in a vGPU guest; there MIG mode is the admin's decision and the
+    GPU publishes what its current mode allows. Dynamic MIG (placements that follow the
+    workloads) is offered on GPUs with MIG on, and on Hopper+ GPUs with MIG off only when the node
+    allows enabling it on demand. Instances this plugin did not create (``owned`` lists the
+    ``(parent uuid, GI profile id, placement start)`` of the ones it did) are never destroyed: they
+    are published as static MIG devices and the dynamic placements they overlap are withheld.
+
+    Args:
+        backend: MIG queries for the GPU.
+        mode: "dynamic" or "static" (the node setting; static also when the API server does not
+            keep partitionable-device fields).
+        allow_mig_mode_change: enable MIG on demand where no reset is needed (Hopper+).
+        owned: the MIG instances recorded in the checkpoint.
+    """
+    owned_set = set(owned)
+
+    def hook(gpu: GpuInfo, system: SystemInfo, full: AllocatableDevice) -> Inventory:
+        pending = gpu.mig_mode_pending is not None and gpu.mig_mode_pending != gpu.mig_mode_current
+        can_enable = gpu.mig_toggle_without_reset and allow_mig_mode_change and not gpu.is_vgpu_guest
+        dynamic = mode == "dynamic" and not pending and not gpu.is_vgpu_guest
+        if dynamic and (gpu.mig_enabled or can_enable):
+            return _dynamic_gpu(backend, gpu, full, owned_set)
+        if gpu.mig_enabled:
+            static = discover_static(backend, gpu.minor, gpu.uuid, full.attributes)
+            warnings = (
+                () if static else (f"GPU {gpu.minor} has MIG mode on but no MIG devices; nothing to publish",)
+            )
+            return Inventory(devices=static, warnings=warnings)
+        return Inventory(devices=(full,))
+
+    return hook
+
+
+def _dynamic_gpu(
+    backend: MigBackend, gpu: GpuInfo, full: AllocatableDevice, owned: set[tuple[str, int, int]]
+) -> Inventory:
+    dyn = discover_dynamic(backend, gpu.minor, gpu.uuid, full.attributes)
+    if dyn.counter_set is None:
+        return Inventory(devices=(full,) if not gpu.mig_enabled else (), warnings=("no MIG profile data",))
+    foreign: list[MigInstance] = []
+    if gpu.mig_enabled:
+        foreign = [
+            inst
+            for inst in backend.list_instances(gpu.uuid)
+            if (gpu.uuid, inst.gi_profile_id, inst.placement_start) not in owned
+        ]
+    taken = {
+        s for inst in foreign for s in range(inst.placement_start, inst.placement_start + inst.placement_size)
+    }
+    devices = [
+        d for d in dyn.devices if d.mig_spec is None or not taken.intersection(d.mig_spec.memory_slices)
+    ]
+    warnings: list[str] = []
+    if foreign:
+        static = static_devices(gpu.minor, gpu.uuid, backend.profiles(gpu.uuid), foreign, full.attributes)
+        devices.extend(static)
+        warnings.append(
+            f"GPU {gpu.minor} has {len(foreign)} MIG instance(s) this plugin did not create; they are "
+            "published as static MIG devices and never destroyed, and overlapping placements are withheld"
+        )
+    # The full GPU is offered only while MIG is off: a GPU in MIG mode runs no full-GPU work. It
+    # consumes every counter, so the scheduler never hands it out next to a MIG slice of it.
+    if not gpu.mig_enabled and not foreign:
+        capacity = {**dyn.full_gpu_capacity, **full.capacity}
+        devices.insert(
+            0,
+            AllocatableDevice(
+                name=full.name,
+                kind=full.kind,
+                gpu_uuid=full.gpu_uuid,
+                gpu_minor=full.gpu_minor,
+                attributes=full.attributes,
+                capacity=capacity,
+                consumes_counters=dyn.full_gpu_consumption,
+            ),
+        )
+    return Inventory(devices=tuple(devices), counter_sets=(dyn.counter_set,), warnings=tuple(warnings))

@@ -518,7 +518,11 @@ def validate_slice(resource_slice: Mapping[str, Any], server_minor: int = NEWEST
     spec = resource_slice.get("spec")
     if not isinstance(spec, Mapping):
         raise _fail(where, "spec is required")
-    _check_dns_subdomain(where, "spec.driver", spec.get("driver"), MAX_DRIVER_NAME_LENGTH)
+    driver = spec.get("driver")
+    # The server checks the driver name case-insensitively (lower-case is still what drivers use).
+    _check_dns_subdomain(
+        where, "spec.driver", driver.lower() if isinstance(driver, str) else driver, MAX_DRIVER_NAME_LENGTH
+    )
     _check_pool_field(where, spec.get("pool"))
     _check_node_selection(where, spec)
     devices = spec.get("devices") or []
@@ -748,6 +752,11 @@ def dropped_fields(sent: Mapping[str, Any], stored: Mapping[str, Any]) -> tuple[
 def _pool(resource_slice: Mapping[str, Any]) -> Mapping[str, Any]:
     pool = (resource_slice.get("spec") or {}).get("pool") or {}
     return pool if isinstance(pool, Mapping) else {}
+
+
+def _node_owners(resource_slice: Mapping[str, Any]) -> list[str]:
+    refs = (resource_slice.get("metadata") or {}).get("ownerReferences") or []
+    return sorted(str(r.get("uid")) for r in refs if isinstance(r, Mapping) and r.get("kind") == "Node")
 
 
 def _with_generation(resource_slice: JsonDict, generation: int) -> JsonDict:
@@ -1058,16 +1067,20 @@ class SlicePublisher:
             major, minor = self._kube.server_version()
             self._server_minor = minor if major == 1 else NEWEST_KNOWN_MINOR
             log.info("api server version", major=major, minor=minor)
-        if not self._node_uid:
-            try:
-                self._node_uid = str(self._kube.get_node(self._node)["metadata"]["uid"])
-            except ApiNotFoundError as exc:
-                raise ApiNotFoundError(
-                    f"node {self._node} does not exist in the API server; check --node-name "
-                    "(it must be the Node object's name)",
-                    status=exc.status,
-                    reason=exc.reason,
-                ) from exc
+        # Looked up on every sync (syncs happen only on change): a re-created Node has a new UID,
+        # and slices owned by the old one would be garbage-collected as soon as we wrote them.
+        try:
+            node_uid = str(self._kube.get_node(self._node)["metadata"]["uid"])
+        except ApiNotFoundError as exc:
+            raise ApiNotFoundError(
+                f"node {self._node} does not exist in the API server; check --node-name "
+                "(it must be the Node object's name)",
+                status=exc.status,
+                reason=exc.reason,
+            ) from exc
+        if node_uid != self._node_uid:
+            log.info("node uid", node=self._node, uid=node_uid)
+            self._node_uid = node_uid
         minor = self._server_minor
         desired = build_slices(inventory, self._node, self._driver, self._node_uid, minor)
         validate_pool(desired, minor)
@@ -1124,7 +1137,7 @@ class SlicePublisher:
         log.info("obsolete resource slice deleted", slice=metadata.get("name"))
 
     def _same(self, stored: JsonDict, desired: JsonDict) -> bool:
-        if _pool(stored) != _pool(desired):
+        if _pool(stored) != _pool(desired) or _node_owners(stored) != _node_owners(desired):
             return False
         have = _fingerprint(comparable_spec(stored))
         want = _fingerprint(comparable_spec(desired))

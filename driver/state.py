@@ -99,7 +99,21 @@ class DeviceState:
         locks: DeviceLocks,
         actions: Mapping[str, DeviceAction] | None = None,
         sharing: SharingAction | None = None,
+        single_instance: bool = False,
     ) -> None:
+        """Args:
+        driver_name: results whose driver differs are left alone.
+        pool_name: the node's pool; results naming another pool are refused.
+        inventory: the devices this node publishes.
+        checkpoint: the durable record of prepared claims.
+        cdi: where claim CDI specs go.
+        edits: CDI edits builder.
+        locks: per-GPU locks.
+        actions: device action per device kind (default: :func:`default_actions`).
+        sharing: sharing seam (default: :class:`NoSharing`).
+        single_instance: no second plugin instance can run on this node at the same time (no
+            rolling-update sockets); enables the cheaper path of :meth:`_needs_write_ahead`.
+        """
         self.driver_name = driver_name
         self.pool_name = pool_name
         self.inventory = inventory
@@ -109,7 +123,9 @@ class DeviceState:
         self.locks = locks
         self.actions: Mapping[str, DeviceAction] = actions or default_actions()
         self.sharing: SharingAction = sharing or NoSharing(driver_name)
+        self.single_instance = single_instance
         self._cp_guard = threading.Lock()
+        self._cache: dict[str, PreparedClaim] | None = None
 
     # ---- prepare ------------------------------------------------------------------------------
 
@@ -142,7 +158,8 @@ class DeviceState:
                 sharing=[],
                 started_at=time.time(),
             )
-            self._put(started)
+            if self._needs_write_ahead(claim, planned, recorded):
+                self._put(started)
             try:
                 completed = self._act(claim, started, planned)
             except Exception as exc:
@@ -150,6 +167,25 @@ class DeviceState:
                 raise as_claim_error(exc, ref) from exc
             self._put(completed)
             return reply_devices(completed)
+
+    def _needs_write_ahead(
+        self, claim: Claim, planned: Sequence[Planned], recorded: PreparedClaim | None
+    ) -> bool:
+        """Whether ``PrepareStarted`` must be on disk before acting.
+
+        Always, except on a single-instance node for a claim whose devices need no action (full
+        GPUs, static MIG) and which carries no config of ours: its only side effect is the CDI
+        spec, and a spec no checkpoint entry owns is removed by the start-up orphan sweep - the
+        same rollback a ``PrepareStarted`` record would give, one fsync'd write cheaper. With two
+        instances (rolling update) the other one's sweep could remove a spec mid-prepare, so
+        there the record is always written first.
+        """
+        if not self.single_instance or recorded is not None:
+            return True
+        if any(not isinstance(self.actions.get(p.device.kind), NoAction) for p in planned):
+            return True
+        configs = ((claim.get("status") or {}).get("allocation") or {}).get("devices", {}).get("config") or []
+        return any((c.get("opaque") or {}).get("driver") == self.driver_name for c in configs)
 
     def _plan(self, claim: Claim) -> list[Planned]:
         results = ((claim.get("status") or {}).get("allocation") or {}).get("devices", {}).get(
@@ -210,7 +246,8 @@ class DeviceState:
             # Record created MIG devices before the next step can fail, so a rollback finds them
             # by their live ids and not only by placement.
             self._put(replace(started, devices=devices))
-        outcome = self.sharing.apply(uid, claim, [p.device for p in planned])
+        created = {d.device: live for d in devices if (live := mig_live(d.mig)) is not None}
+        outcome = self.sharing.apply(uid, claim, [p.device for p in planned], created)
         if outcome.records:
             self._put(replace(started, devices=devices, sharing=list(outcome.records)))
         self._write_cdi_spec(uid, devices, planned, outcome.edits)
@@ -288,14 +325,15 @@ class DeviceState:
         self.cdi.remove_claim_spec(recorded.uid)
 
     def _rollback_after_failure(self, started: PreparedClaim) -> None:
-        latest = self._get(started.uid) or started
+        recorded = self._get(started.uid)
         try:
-            self._rollback(latest)
+            self._rollback(recorded or started)
         except Exception:
             # Keep PrepareStarted: the kubelet's retry and start-up reconcile roll back again.
             log.exception("rollback after failed prepare failed; left for the next attempt")
             return
-        self._remove(started.uid)
+        if recorded is not None:
+            self._remove(started.uid)
 
     # ---- start-up -----------------------------------------------------------------------------
 
@@ -311,8 +349,11 @@ class DeviceState:
             if claim.state == PREPARE_COMPLETED:
                 continue
             with self.locks.hold(lock_keys(claim.uid, claim.devices)):
+                current = self._get(claim.uid)
+                if current is None or current.state == PREPARE_COMPLETED:
+                    continue  # another instance finished or undid it while we waited for the lock
                 try:
-                    self._rollback(claim)
+                    self._rollback(current)
                 except Exception as exc:  # one stuck claim must not stop the plugin
                     report.problems.append(f"rollback of claim {claim.uid} failed: {exc}")
                     log.exception("start-up rollback failed", claim_uid=claim.uid)
@@ -334,35 +375,47 @@ class DeviceState:
 
     # ---- checkpoint helpers -------------------------------------------------------------------
     # The store's file lock keeps processes apart; this in-process lock keeps our own threads
-    # from polling that flock against each other (cheaper, and fair).
-
-    def _get(self, uid: str) -> PreparedClaim | None:
-        with self._cp_guard:
-            return self.checkpoint.get(uid)
+    # from polling that flock against each other (cheaper, and fair). A single instance is the
+    # only writer of its checkpoint, so it keeps what it last wrote in memory and skips reads;
+    # any failed write drops that copy, and the next read goes to the file again.
 
     def _all(self) -> dict[str, PreparedClaim]:
         with self._cp_guard:
-            return self.checkpoint.load()
+            if self._cache is not None:
+                return dict(self._cache)
+            claims = self.checkpoint.load()
+            if self.single_instance:
+                self._cache = dict(claims)
+            return claims
+
+    def _get(self, uid: str) -> PreparedClaim | None:
+        return self._all().get(uid)
 
     def _put(self, claim: PreparedClaim) -> None:
-        try:
-            with self._cp_guard:
+        with self._cp_guard:
+            try:
                 self.checkpoint.put(claim)
-        except DriverError as exc:
-            raise TemporaryClaimError(
-                f"could not record claim {claim.uid} as {claim.state} in the checkpoint: {exc}; "
-                "check free space and permissions of the plugin's state directory"
-            ) from exc
+            except (DriverError, OSError) as exc:
+                self._cache = None
+                raise TemporaryClaimError(
+                    f"could not record claim {claim.uid} as {claim.state} in the checkpoint: {exc}; "
+                    "check free space and permissions of the plugin's state directory"
+                ) from exc
+            if self._cache is not None:
+                self._cache[claim.uid] = claim
 
     def _remove(self, uid: str) -> None:
-        try:
-            with self._cp_guard:
+        with self._cp_guard:
+            try:
                 self.checkpoint.remove(uid)
-        except DriverError as exc:
-            raise TemporaryClaimError(
-                f"could not remove claim {uid} from the checkpoint: {exc}; "
-                "check free space and permissions of the plugin's state directory"
-            ) from exc
+            except (DriverError, OSError) as exc:
+                self._cache = None
+                raise TemporaryClaimError(
+                    f"could not remove claim {uid} from the checkpoint: {exc}; "
+                    "check free space and permissions of the plugin's state directory"
+                ) from exc
+            if self._cache is not None:
+                self._cache.pop(uid, None)
 
 
 @dataclass(slots=True)
@@ -561,8 +614,14 @@ class SharingOutcome:
 class SharingAction(Protocol):
     """Applies a claim's sharing configs (time-slicing, MPS) per config group; undoes them from records."""
 
-    def apply(self, claim_uid: str, claim: Claim, devices: Sequence[AllocatableDevice]) -> SharingOutcome:
-        """Apply sharing for the claim's config groups.
+    def apply(
+        self,
+        claim_uid: str,
+        claim: Claim,
+        devices: Sequence[AllocatableDevice],
+        live: Mapping[str, MigLive] | None = None,
+    ) -> SharingOutcome:
+        """Apply sharing for the claim's config groups (``live``: MIG devices created for it).
 
         Raises:
             ClaimError: a config is invalid or cannot be applied.
@@ -583,7 +642,13 @@ class NoSharing:
     def __init__(self, driver_name: str = "gpu.nvidia.com") -> None:
         self._driver = driver_name
 
-    def apply(self, claim_uid: str, claim: Claim, devices: Sequence[AllocatableDevice]) -> SharingOutcome:
+    def apply(
+        self,
+        claim_uid: str,
+        claim: Claim,
+        devices: Sequence[AllocatableDevice],
+        live: Mapping[str, MigLive] | None = None,
+    ) -> SharingOutcome:
         from sharing.config import resolve_groups
         from sharing.errors import ConfigError as SharingConfigError
 

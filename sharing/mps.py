@@ -55,6 +55,7 @@ from typing import Any
 
 import structlog
 
+from cdi.spec import ContainerEdits, Mount
 from sharing.config import MpsConfig
 from sharing.errors import CommandError, ConfigError, MpsError, MpsStartTimeoutError
 from sharing.timeslicing import NvidiaSmi
@@ -73,24 +74,6 @@ def mps_group_id(claim_uid: str, uuids: Sequence[str]) -> str:
     """NVIDIA's daemon id: ``<claimUID>-<first 5 hex of sha256(sorted UUIDs joined by ",")>``."""
     digest = hashlib.sha256(",".join(sorted(uuids)).encode()).hexdigest()[:5]
     return f"{claim_uid}-{digest}"
-
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A bind mount for the container (same field names as ``cdi.spec.Mount``)."""
-
-    host_path: str
-    container_path: str
-    options: tuple[str, ...] = MOUNT_OPTIONS
-    type: str = "bind"
-
-
-@dataclass(frozen=True, slots=True)
-class SharingEdits:
-    """Container edits an MPS client needs; ``driver.state`` turns them into CDI container edits."""
-
-    env: Mapping[str, str]
-    mounts: tuple[Mount, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +136,17 @@ class MpsDaemon:
                 f"MPS record {dict(record)!r} is malformed ({exc}); stop the daemon by hand"
             ) from exc
 
-    def container_edits(self) -> SharingEdits:
-        """Env and mounts every container of the group gets."""
-        return SharingEdits(
-            env={"CUDA_MPS_PIPE_DIRECTORY": CONTAINER_PIPE_DIR},
+    def container_edits(self) -> ContainerEdits:
+        """Env and bind mounts every container of the group gets (added to each device's CDI edits).
+
+        Host paths are as this process sees them; ``cdi.edits.rewrite_host_root`` maps them when
+        the plugin's view differs from the host's.
+        """
+        return ContainerEdits(
+            env=(f"CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE_DIR}",),
             mounts=(
-                Mount(str(self.pipe_dir), CONTAINER_PIPE_DIR),
-                Mount(str(self.shm_dir), CONTAINER_SHM_DIR),
+                Mount(str(self.pipe_dir), CONTAINER_PIPE_DIR, MOUNT_OPTIONS, "bind"),
+                Mount(str(self.shm_dir), CONTAINER_SHM_DIR, MOUNT_OPTIONS, "bind"),
             ),
         )
 

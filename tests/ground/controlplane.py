@@ -209,7 +209,7 @@ class ControlPlane:
     # -- objects -----------------------------------------------------------------------------
 
     def create_node(self, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """A Node with capacity set through the status subresource, Ready, no taints."""
+        """A Node with capacity set through the status subresource, Ready and without taints."""
         api: Any = self.api_client()
         core: Any = kclient.CoreV1Api(api)
         try:
@@ -249,6 +249,9 @@ class ControlPlane:
                 }
             }
             core.patch_node_status(name, status)
+            # Admission (TaintNodesByCondition) puts not-ready:NoSchedule on every new node; the
+            # node lifecycle controller, which is not running here, would lift it once Ready.
+            core.patch_node(name, {"spec": {"taints": []}})
             node = core.read_node(name)
             out: dict[str, Any] = api.sanitize_for_serialization(node)
             return out

@@ -165,7 +165,9 @@ def test_daemon_serves_reconciles_and_exits_cleanly_on_sigterm(layout: Layout) -
         assert CheckpointStore(layout.state / "checkpoint.json", BOOT_ID_PATH).get("uid-half") is None
 
         with grpc.insecure_channel(f"unix://{layout.reg_socket}") as channel:
-            info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(registration_pb2.InfoRequest(), timeout=10)
+            info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(
+                registration_pb2.InfoRequest(), timeout=10
+            )
         assert info.endpoint == str(layout.dra_socket)
         with grpc.insecure_channel(f"unix://{layout.dra_socket}") as channel:
             resp = dra_v1_pb2_grpc.DRAPluginStub(channel).NodePrepareResources(
@@ -175,7 +177,9 @@ def test_daemon_serves_reconciles_and_exits_cleanly_on_sigterm(layout: Layout) -
                 timeout=30,
             )
         assert resp.claims["uid-1"].error == ""
-        assert list(resp.claims["uid-1"].devices[0].cdi_device_ids) == ["k8s.gpu.nvidia.com/claim=uid-1-gpu-3"]
+        assert list(resp.claims["uid-1"].devices[0].cdi_device_ids) == [
+            "k8s.gpu.nvidia.com/claim=uid-1-gpu-3"
+        ]
         assert (layout.cdi / claim_spec_filename("uid-1")).exists()
     finally:
         code, out = stop(proc)

@@ -127,7 +127,9 @@ def test_v1_prepare_and_unprepare(plugin: Plugin) -> None:
     """v1: devices with pool, name, CDI id; unprepare removes the spec; entries keyed by UID."""
     claim = make_claim("uid-1", [("gpu", "gpu-0")])
     plugin.claims.put(claim)
-    resp = plugin.v1().NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10)
+    resp = plugin.v1().NodePrepareResources(
+        dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10
+    )
     entry = resp.claims["uid-1"]
     assert entry.error == ""
     [device] = entry.devices
@@ -135,7 +137,9 @@ def test_v1_prepare_and_unprepare(plugin: Plugin) -> None:
     assert list(device.cdi_device_ids) == ["k8s.gpu.nvidia.com/claim=uid-1-gpu-0"]
     assert not device.HasField("share_id")
     assert plugin.node.spec_path("uid-1").exists()
-    un = plugin.v1().NodeUnprepareResources(dra_v1_pb2.NodeUnprepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10)
+    un = plugin.v1().NodeUnprepareResources(
+        dra_v1_pb2.NodeUnprepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10
+    )
     assert "uid-1" in un.claims
     assert un.claims["uid-1"].error == ""
     assert not plugin.node.spec_path("uid-1").exists()
@@ -143,7 +147,9 @@ def test_v1_prepare_and_unprepare(plugin: Plugin) -> None:
 
 def test_v1beta1_prepare_and_unprepare(plugin: Plugin) -> None:
     """v1beta1 (kubelet 1.32/1.33) gets the same devices, without share_id."""
-    claim = make_claim("uid-1", [("gpu", "gpu-1")], share_ids={"gpu-1": "5a0b6c1e-1111-4222-8333-444455556666"})
+    claim = make_claim(
+        "uid-1", [("gpu", "gpu-1")], share_ids={"gpu-1": "5a0b6c1e-1111-4222-8333-444455556666"}
+    )
     plugin.claims.put(claim)
     resp = plugin.v1beta1().NodePrepareResources(
         dra_v1beta1_pb2.NodePrepareResourcesRequest(claims=[v1beta1_claim(claim)]), timeout=10
@@ -163,7 +169,9 @@ def test_v1_carries_share_id(plugin: Plugin) -> None:
     share = "5a0b6c1e-1111-4222-8333-444455556666"
     claim = make_claim("uid-1", [("gpu", "gpu-1")], share_ids={"gpu-1": share})
     plugin.claims.put(claim)
-    resp = plugin.v1().NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10)
+    resp = plugin.v1().NodePrepareResources(
+        dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10
+    )
     assert resp.claims["uid-1"].devices[0].share_id == share
 
 
@@ -171,7 +179,9 @@ def test_subrequest_names_are_stripped(plugin: Plugin) -> None:
     """'req/sub' results are reported under 'req', once."""
     claim = make_claim("uid-1", [("big/a100", "gpu-2"), ("big/a100", "gpu-3")])
     plugin.claims.put(claim)
-    resp = plugin.v1().NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10)
+    resp = plugin.v1().NodePrepareResources(
+        dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=10
+    )
     assert [list(d.request_names) for d in resp.claims["uid-1"].devices] == [["big"], ["big"]]
 
 
@@ -191,7 +201,9 @@ def test_per_claim_errors_never_fail_the_call(plugin: Plugin) -> None:
     for c in (good, unallocated, replaced, held):
         plugin.claims.put(c)
     # The held claim comes second: gpu-0 is taken by the good one first.
-    plugin.v1().NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(good)]), timeout=10)
+    plugin.v1().NodePrepareResources(
+        dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(good)]), timeout=10
+    )
     request = dra_v1_pb2.NodePrepareResourcesRequest(
         claims=[
             v1_claim(good),
@@ -217,7 +229,9 @@ def test_per_claim_errors_never_fail_the_call(plugin: Plugin) -> None:
 def test_unprepare_of_unknown_claim_succeeds(plugin: Plugin) -> None:
     """The kubelet may unprepare a claim this instance never saw: success, and no API call."""
     resp = plugin.v1().NodeUnprepareResources(
-        dra_v1_pb2.NodeUnprepareResourcesRequest(claims=[dra_v1_pb2.Claim(namespace="ns", name="x", uid="uid-x")]),
+        dra_v1_pb2.NodeUnprepareResourcesRequest(
+            claims=[dra_v1_pb2.Claim(namespace="ns", name="x", uid="uid-x")]
+        ),
         timeout=10,
     )
     assert resp.claims["uid-x"].error == ""
@@ -235,7 +249,9 @@ def test_64_concurrent_calls_prepare_each_claim_once(plugin: Plugin) -> None:
     def call(i: int) -> Any:
         claim = claims[i % 8]
         start.wait(30)
-        return stub.NodePrepareResources(dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=30)
+        return stub.NodePrepareResources(
+            dra_v1_pb2.NodePrepareResourcesRequest(claims=[v1_claim(claim)]), timeout=30
+        )
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         responses = list(pool.map(call, range(64)))
@@ -298,7 +314,7 @@ def test_health_service_checks_both_sockets(plugin: Plugin) -> None:
     health.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{health.port}") as channel:
-            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+            check = channel.unary_unary("/grpc.health.v1.Health/Check", None, None)
             assert check(b"", timeout=10) == b"\x08\x01"
             plugin.plugin.stop(0.5)
             assert check(b"", timeout=10) == b"\x08\x02"

@@ -18,7 +18,13 @@ import pytest
 from cdi.names import claim_spec_filename
 from cdi.spec import ContainerEdits
 from cdi.store import CdiStore
-from driver.checkpoint import PREPARE_COMPLETED, PREPARE_STARTED, CheckpointStore, PreparedClaim, PreparedDevice
+from driver.checkpoint import (
+    PREPARE_COMPLETED,
+    PREPARE_STARTED,
+    CheckpointStore,
+    PreparedClaim,
+    PreparedDevice,
+)
 from driver.errors import PermanentClaimError, TemporaryClaimError
 from driver.inventory import AllocatableDevice, Inventory
 from driver.kubeletplugin.claims import ClaimRef
@@ -251,7 +257,9 @@ def test_device_held_by_another_claim_is_refused(node: Node) -> None:
 def test_admin_access_may_share_a_held_device(node: Node) -> None:
     """adminAccess results are not refused, and do not block others either."""
     node.state.prepare(make_claim("uid-1", [("gpu", "gpu-2")]))
-    assert [d.device for d in node.state.prepare(make_claim("uid-2", [("gpu", "gpu-2")], admin=True))] == ["gpu-2"]
+    assert [d.device for d in node.state.prepare(make_claim("uid-2", [("gpu", "gpu-2")], admin=True))] == [
+        "gpu-2"
+    ]
     node.state.unprepare(ClaimRef("default", "claim-uid-1", "uid-1"))
     node.state.prepare(make_claim("uid-3", [("gpu", "gpu-2")]))
     assert node.recorded("uid-3") is not None
@@ -408,7 +416,9 @@ class FakeSharing:
     def __init__(self) -> None:
         self.undone: list[str] = []
 
-    def apply(self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice]) -> SharingOutcome:
+    def apply(
+        self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice], live=None
+    ) -> SharingOutcome:
         return SharingOutcome(
             records=({"claim": claim_uid, "gpus": [d.gpu_uuid for d in devices]},),
             edits={d.name: ContainerEdits(env=(f"SHARED_{d.gpu_minor}=1",)) for d in devices},
@@ -441,7 +451,9 @@ class FakeMig:
         self.rolled_back: list[str] = []
 
     def create(self, spec: MigSpec) -> MigLive:
-        live = MigLive(spec.parent_minor, spec.parent_uuid, 1, 0, "MIG-fake-1", spec.gi_profile_id, spec.placement_start)
+        live = MigLive(
+            spec.parent_minor, spec.parent_uuid, 1, 0, "MIG-fake-1", spec.gi_profile_id, spec.placement_start
+        )
         self.fake_root.add_mig_caps(spec.parent_minor, 1, 0)
         self.live[spec.name] = live
         return live
@@ -515,7 +527,9 @@ class BlockingSharing(FakeSharing):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def apply(self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice]) -> SharingOutcome:
+    def apply(
+        self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice], live=None
+    ) -> SharingOutcome:
         if any(d.name == "gpu-0" for d in devices):
             self.entered.set()
             assert self.release.wait(30), "test never released the blocked prepare"
@@ -564,3 +578,79 @@ def test_same_gpu_lock_times_out_as_a_temporary_error(node: Node) -> None:
     finally:
         sharing.release.set()
         thread.join(30)
+
+
+# ---- write-ahead ------------------------------------------------------------------------------
+
+
+class RecordingCheckpoint(CheckpointStore):
+    """A CheckpointStore that remembers the (uid, state) of every put."""
+
+    puts: list[tuple[str, str]]
+
+    def put(self, claim: PreparedClaim) -> None:
+        self.puts.append((claim.uid, claim.state))
+        super().put(claim)
+
+
+def _recording(node: Node) -> RecordingCheckpoint:
+    store = RecordingCheckpoint(node.checkpoint.path, node.boot_id_path)
+    store.puts = []
+    node.checkpoint = store
+    return store
+
+
+def test_write_ahead_is_always_used_with_two_instances(node: Node) -> None:
+    """Default (rolling updates possible): PrepareStarted is on disk before the spec is written."""
+    store = _recording(node)
+    state = build_state(node)
+    state.prepare(make_claim("uid-1", [("gpu", "gpu-0")]))
+    assert store.puts == [("uid-1", PREPARE_STARTED), ("uid-1", PREPARE_COMPLETED)]
+
+
+def test_single_instance_skips_write_ahead_only_without_side_effects(node: Node) -> None:
+    """Single instance: a plain GPU claim writes only PrepareCompleted; a claim with config of
+    ours (possible sharing) or with a device action still writes PrepareStarted first."""
+    store = _recording(node)
+    mig = FakeMig(node.driver_root)
+    device = _mig_device(minor=7)
+    state = build_state(
+        node, inventory=gpu_inventory(extra=[device]), actions=default_actions(mig), single_instance=True
+    )
+    state.prepare(make_claim("uid-plain", [("gpu", "gpu-0")]))
+    assert store.puts == [("uid-plain", PREPARE_COMPLETED)]
+    store.puts.clear()
+    config = [
+        {
+            "source": "FromClaim",
+            "requests": [],
+            "opaque": {
+                "driver": DRIVER,
+                "parameters": {"kind": "GpuConfig", "apiVersion": "resource.nvidia.com/v1beta1"},
+            },
+        }
+    ]
+    state.prepare(make_claim("uid-config", [("gpu", "gpu-1")], config=config))
+    assert store.puts == [("uid-config", PREPARE_STARTED), ("uid-config", PREPARE_COMPLETED)]
+    store.puts.clear()
+    state.prepare(make_claim("uid-mig", [("mig", device.name)]))
+    assert store.puts[0] == ("uid-mig", PREPARE_STARTED)
+
+
+def test_single_instance_crash_before_completed_leaves_only_an_orphan_spec(node: Node) -> None:
+    """The skipped record is safe: a spec written just before a crash has no owner and is swept."""
+    state = build_state(node, single_instance=True)
+    state.prepare(make_claim("uid-1", [("gpu", "gpu-0")]))
+    node.checkpoint.remove("uid-1")  # as if the process died between spec write and PrepareCompleted
+    report = node.restart(single_instance=True).reconcile()
+    assert report.removed_specs == [node.spec_path("uid-1")]
+
+
+def test_single_instance_failed_prepare_leaves_nothing(node: Node) -> None:
+    """Without write-ahead a failure still removes the half-written state (no entry, no spec)."""
+    node.driver_root.remove_node("nvidia2")
+    state = build_state(node, single_instance=True)
+    with pytest.raises(PermanentClaimError, match="/dev/nvidia2"):
+        state.prepare(make_claim("uid-1", [("a", "gpu-1"), ("b", "gpu-2")]))
+    assert node.checkpoint.load() == {}
+    assert not node.spec_path("uid-1").exists()

@@ -10,7 +10,12 @@ import pytest
 from driver.config import Config, add_plugin_flags, from_args, load, parse, parse_feature_gates, validate
 from driver.errors import ConfigError
 
-TEST_ENV = {"NO_PUBLISH": "true", "FAKE_CLAIMS_DIR": "/claims", "NVML_BACKEND": "fake", "FAKE_TOPOLOGY": "t4-x4"}
+TEST_ENV = {
+    "NO_PUBLISH": "true",
+    "FAKE_CLAIMS_DIR": "/claims",
+    "NVML_BACKEND": "fake",
+    "FAKE_TOPOLOGY": "t4-x4",
+}
 
 
 def _ns(*argv: str) -> argparse.Namespace:
@@ -44,7 +49,9 @@ def test_environment_twins_are_read() -> None:
         "POD_UID": "0b7f0a4c-5c1e-4d59-9b7a-8a1d2f3e4c5d",
         "POD_NAMESPACE": "gpu-system",
         "HEALTHCHECK_PORT": "51515",
-        "FEATURE_GATES": "MPSSupport=true",
+        "FEATURE_GATES": "MPSSupport=false",
+        "MIG_MODE": "static",
+        "ALLOW_MIG_MODE_CHANGE": "true",
     }
     cfg = from_args(_ns(), env=env)
     assert cfg.node_name == "n2"
@@ -56,8 +63,10 @@ def test_environment_twins_are_read() -> None:
     assert cfg.pod_uid == "0b7f0a4c-5c1e-4d59-9b7a-8a1d2f3e4c5d"
     assert cfg.namespace == "gpu-system"
     assert cfg.healthcheck_port == 51515
-    assert cfg.gate("MPSSupport") is True
-    assert cfg.gate("DynamicMIG") is False
+    assert cfg.gate("MPSSupport") is False
+    assert cfg.gate("DynamicMIG") is True  # on by default: NVIDIA's manifests work unchanged
+    assert cfg.mig_mode == "static"
+    assert cfg.allow_mig_mode_change is True
 
 
 def test_flag_wins_over_environment() -> None:
@@ -82,12 +91,19 @@ def test_a_test_setup_without_api_server_validates() -> None:
     ("argv", "env", "needle"),
     [
         pytest.param([], TEST_ENV, "--node-name / NODE_NAME is required", id="node-name-missing"),
-        pytest.param(["--driver-name", "GPU_Nvidia"], TEST_ENV, "--driver-name / DRIVER_NAME", id="bad-driver"),
-        pytest.param(["--cdi-root", "relative/cdi"], TEST_ENV, "--cdi-root / CDI_ROOT must be an absolute", id="rel"),
+        pytest.param(
+            ["--driver-name", "GPU_Nvidia"], TEST_ENV, "--driver-name / DRIVER_NAME", id="bad-driver"
+        ),
+        pytest.param(
+            ["--cdi-root", "relative/cdi"], TEST_ENV, "--cdi-root / CDI_ROOT must be an absolute", id="rel"
+        ),
         pytest.param(["--pod-uid", "Not A UID"], TEST_ENV, "--pod-uid / POD_UID", id="pod-uid"),
         pytest.param(["--healthcheck-port", "70000"], TEST_ENV, "HEALTHCHECK_PORT 70000", id="port"),
         pytest.param(
-            [], {**TEST_ENV, "FAKE_TOPOLOGY": ""}, "--nvml-backend=fake needs --fake-topology", id="no-topology"
+            [],
+            {**TEST_ENV, "FAKE_TOPOLOGY": ""},
+            "--nvml-backend=fake needs --fake-topology",
+            id="no-topology",
         ),
         pytest.param(
             ["--nvml-backend", "real", "--fake-topology", "t4-x4"],
@@ -95,16 +111,20 @@ def test_a_test_setup_without_api_server_validates() -> None:
             "--fake-topology / FAKE_TOPOLOGY only applies",
             id="fake-flag-with-real",
         ),
-        pytest.param([], {"NVML_BACKEND": "fake", "FAKE_TOPOLOGY": "t4-x4"}, "no API server configured", id="no-api"),
         pytest.param(
-            ["--feature-gates", "DynamicMIG=true,MPSSupport=true"],
+            [], {"NVML_BACKEND": "fake", "FAKE_TOPOLOGY": "t4-x4"}, "no API server configured", id="no-api"
+        ),
+        pytest.param(
+            ["--feature-gates", "DynamicMIG=true,PassthroughSupport=true"],
             TEST_ENV,
-            "DynamicMIG and MPSSupport",
+            "DynamicMIG and PassthroughSupport",
             id="gates-exclusive",
         ),
     ],
 )
-def test_validate_names_the_flag_and_variable_to_fix(argv: list[str], env: dict[str, str], needle: str) -> None:
+def test_validate_names_the_flag_and_variable_to_fix(
+    argv: list[str], env: dict[str, str], needle: str
+) -> None:
     """Each cross-flag rule yields a message naming what to change."""
     cfg = from_args(_ns("--node-name", "n1", *argv) if "node-name" not in needle else _ns(*argv), env=env)
     problems = validate(cfg)

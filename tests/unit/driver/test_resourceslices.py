@@ -1,9 +1,13 @@
-"""ResourceSlice building, validation, pool-generation planning and the publisher (over an in-memory API)."""
+"""ResourceSlices: building, validation, pool-generation plans, the publisher over an in-memory API.
+
+Also the kube facade's API-version handling, over a scripted ApiClient.
+"""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
 import queue
 import threading
 import time
@@ -14,6 +18,7 @@ import pytest
 
 from driver.errors import ApiConflictError, ApiError, ApiNotFoundError, SliceValidationError
 from driver.inventory import AllocatableDevice, CounterConsumption, CounterSet, Inventory, Version
+from driver.kube import Kube, ResourceNotServedError, slice_from_version, slice_to_version
 from driver.resourceslices import (
     EmptyInventoryError,
     SlicePublisher,
@@ -376,7 +381,7 @@ RULES: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
     ("generateName bad", _set("metadata", {"generateName": "UPPER-"}), "metadata.generateName"),
     ("driver missing", _del("spec.driver"), "spec.driver is required"),
     ("driver too long", _set("spec.driver", "a" * 64), "<= 63 chars"),
-    ("driver upper-case", _set("spec.driver", "GPU.nvidia.com"), "spec.driver 'GPU.nvidia.com'"),
+    ("driver not a subdomain", _set("spec.driver", "gpu_nvidia.com"), "spec.driver 'gpu_nvidia.com'"),
     ("pool missing", _del("spec.pool"), "spec.pool is required"),
     ("pool name missing", _set("spec.pool.name", ""), "spec.pool.name is required"),
     ("pool name too long", _set("spec.pool.name", "a" * 254), "longer than 253"),
@@ -600,6 +605,12 @@ def test_validate_slice_names_each_broken_counter_rule(mutate, message):
     with pytest.raises(SliceValidationError, match="API server would reject") as caught:
         validate_slice(s)
     assert message in str(caught.value)
+
+
+def test_driver_name_case_is_ignored_as_the_server_ignores_it():
+    s = valid_slice()
+    s["spec"]["driver"] = "GPU.nvidia.com"
+    validate_slice(s)
 
 
 def test_devices_and_counters_together_are_fine_before_1_35():
@@ -836,6 +847,7 @@ class FakeKube:
         self.calls: list[str] = []
         self.failures: dict[str, list[Exception]] = {}
         self.node_exists = True
+        self.node_uid = NODE_UID
         self._rv = itertools.count(100)
         self._lock = threading.Lock()
         self._watches: list[FakeWatch] = []
@@ -893,7 +905,7 @@ class FakeKube:
         self._maybe_fail("get_node")
         if not self.node_exists:
             raise ApiNotFoundError(f'nodes "{name}" not found', status=404, reason="NotFound")
-        return {"metadata": {"name": name, "uid": NODE_UID}}
+        return {"metadata": {"name": name, "uid": self.node_uid}}
 
     def list_slices_at(self, driver: str, node: str) -> tuple[list[dict[str, Any]], str]:
         self._maybe_fail("list")
@@ -1061,6 +1073,18 @@ def test_publisher_waits_for_the_node_to_exist(publisher_for):
     assert wait_for(lambda: len(kube.slices) == 1)
 
 
+def test_publisher_follows_a_recreated_node(publisher_for):
+    kube = FakeKube()
+    publisher = publisher_for(kube)
+    publisher.start(a100_inventory(1))
+    assert publisher.wait_synced(10)
+    kube.node_uid = "new-node-uid"
+    kube.touch_behind_our_back()
+    assert wait_for(
+        lambda: next(iter(kube.slices.values()))["metadata"]["ownerReferences"][0]["uid"] == "new-node-uid"
+    )
+
+
 def test_publisher_refuses_an_empty_or_invalid_inventory(publisher_for):
     publisher = publisher_for(FakeKube())
     with pytest.raises(EmptyInventoryError, match="retry discovery"):
@@ -1122,3 +1146,123 @@ def test_publisher_reconnects_a_broken_watch(publisher_for):
     assert wait_for(lambda: len(kube._watches) == 1)
     kube.delete_behind_our_back()
     assert wait_for(lambda: len(kube.slices) == 1)
+
+
+# -- the kube facade's version handling (over a scripted ApiClient) ------------------------------
+
+
+class ScriptedResponse:
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self._data = json.dumps(body).encode()
+
+    def read(self) -> bytes:
+        return self._data
+
+
+class ScriptedApiClient:
+    """Answers ``param_serialize``/``call_api`` from a table of (method, path) -> (status, body)."""
+
+    def __init__(self, answers: dict[tuple[str, str], tuple[int, dict[str, Any]]]) -> None:
+        self.answers = answers
+        self.paths: list[str] = []
+
+    def param_serialize(self, method: str, resource_path: str, **kwargs: Any) -> tuple[Any, ...]:
+        return method, resource_path, kwargs.get("header_params"), kwargs.get("body"), None
+
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> ScriptedResponse:
+        self.paths.append(url)
+        status, body = self.answers.get((method, url), (404, {"kind": "Status", "reason": "NotFound"}))
+        return ScriptedResponse(status, body)
+
+
+def _group(*versions: str) -> tuple[int, dict[str, Any]]:
+    return 200, {"kind": "APIGroup", "versions": [{"version": v} for v in versions]}
+
+
+def test_claim_from_a_v1beta1_only_server_comes_back_v1_shaped():
+    claim = {
+        "apiVersion": "resource.k8s.io/v1beta1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": "c", "namespace": "ns", "uid": "u-1"},
+        "spec": {"devices": {"requests": [{"name": "gpu", "deviceClassName": "gpu.nvidia.com", "count": 1}]}},
+        "status": {
+            "allocation": {
+                "devices": {
+                    "results": [{"request": "gpu", "driver": DRIVER, "pool": NODE, "device": "gpu-0"}]
+                }
+            }
+        },
+    }
+    api = ScriptedApiClient(
+        {
+            ("GET", "/apis/resource.k8s.io"): _group("v1beta1"),
+            ("GET", "/apis/resource.k8s.io/v1beta1/namespaces/ns/resourceclaims/c"): (200, claim),
+        }
+    )
+    got = Kube(api).get_resource_claim("ns", "c")
+    assert got["apiVersion"] == "resource.k8s.io/v1"
+    assert got["spec"]["devices"]["requests"] == [
+        {"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com", "count": 1}}
+    ]
+    assert got["status"] == claim["status"]
+    assert got["metadata"]["uid"] == "u-1"
+
+
+def test_a_missing_claim_is_not_found_and_a_version_gone_is_rediscovered():
+    missing = (
+        404,
+        {"kind": "Status", "reason": "NotFound", "details": {"name": "c"}, "message": "not found"},
+    )
+    api = ScriptedApiClient(
+        {
+            ("GET", "/apis/resource.k8s.io"): _group("v1", "v1beta2"),
+            ("GET", "/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims/c"): missing,
+        }
+    )
+    kube = Kube(api)
+    with pytest.raises(ApiNotFoundError) as caught:
+        kube.get_resource_claim("ns", "c")
+    assert not isinstance(caught.value, ResourceNotServedError)
+    assert (caught.value.status, caught.value.reason) == (404, "NotFound")
+    # The server stops serving v1 (a downgrade): the bare 404 makes the facade look again.
+    api.answers[("GET", "/apis/resource.k8s.io")] = _group("v1beta2")
+    api.answers[("GET", "/apis/resource.k8s.io/v1beta2/namespaces/ns/resourceclaims/d")] = (
+        200,
+        {"metadata": {"uid": "u-2"}},
+    )
+    assert kube.get_resource_claim("ns", "d")["metadata"]["uid"] == "u-2"
+    assert api.paths[-1] == "/apis/resource.k8s.io/v1beta2/namespaces/ns/resourceclaims/d"
+
+
+def test_api_errors_keep_status_and_reason():
+    api = ScriptedApiClient(
+        {
+            ("GET", "/apis/resource.k8s.io"): _group("v1"),
+            ("POST", "/apis/resource.k8s.io/v1/resourceslices"): (
+                409,
+                {"reason": "AlreadyExists", "message": "x"},
+            ),
+            ("GET", "/api/v1/nodes/n"): (403, {"reason": "Forbidden", "message": "no"}),
+        }
+    )
+    kube = Kube(api)
+    with pytest.raises(ApiConflictError) as conflict:
+        kube.create_slice(valid_slice())
+    assert (conflict.value.status, conflict.value.reason) == (409, "AlreadyExists")
+    with pytest.raises(ApiError, match="check the driver's RBAC") as forbidden:
+        kube.get_node("n")
+    assert forbidden.value.status == 403
+
+
+def test_v1beta1_slices_nest_device_fields_in_basic_and_come_back_flat():
+    s = valid_slice()
+    wire = slice_to_version(s, "v1beta1")
+    assert wire["apiVersion"] == "resource.k8s.io/v1beta1"
+    assert wire["spec"]["devices"][0] == {
+        "name": "gpu-0",
+        "basic": {k: v for k, v in dev(s).items() if k != "name"},
+    }
+    back = slice_from_version(wire, "v1beta1")
+    assert back == s
+    assert slice_to_version(s, "v1beta2")["spec"] == s["spec"]

@@ -78,11 +78,12 @@ def test_start_configures_daemon_and_stop_restores(fake_gpu: FakeGpu) -> None:
     assert invoke[0]["visibleDevices"] == ",".join(GPU_UUIDS[:2])
 
     edits = daemon.container_edits()
-    assert edits.env == {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/nvidia-mps"}
-    assert {(m.host_path, m.container_path) for m in edits.mounts} == {
-        (str(daemon.pipe_dir), "/tmp/nvidia-mps"),
-        (str(daemon.shm_dir), "/dev/shm"),
+    assert edits.env == ("CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps",)
+    assert {(m.host_path, m.container_path, m.options) for m in edits.mounts} == {
+        (str(daemon.pipe_dir), "/tmp/nvidia-mps", ("rw", "nosuid", "nodev", "bind")),
+        (str(daemon.shm_dir), "/dev/shm", ("rw", "nosuid", "nodev", "bind")),
     }
+    assert edits.device_nodes == ()
 
     record = json.loads(json.dumps(daemon.to_record()))
     mgr.stop(record)

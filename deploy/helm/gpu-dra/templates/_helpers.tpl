@@ -45,3 +45,19 @@ app.kubernetes.io/component: kubelet-plugin
 {{- define "gpu-dra.stateDir" -}}
 {{- default (printf "%s/gpu.nvidia.com" .Values.kubeletDirs.plugins) .Values.stateDir -}}
 {{- end -}}
+
+{{/* plugin.featureGates as the plugin's FEATURE_GATES value: Name=true,Other=false, sorted. */}}
+{{- define "gpu-dra.featureGates" -}}
+{{- $gates := list -}}
+{{- range $name, $on := . -}}
+{{- $gates = append $gates (printf "%s=%t" $name $on) -}}
+{{- end -}}
+{{- join "," $gates -}}
+{{- end -}}
+
+{{/* The server's version as major.minor.0, from Major/Minor rather than the git version string:
+     vendor builds report minors like "36+", and builds without version stamping report a
+     git version of v0.0.0 while Major/Minor stay right. */}}
+{{- define "gpu-dra.kubeVersion" -}}
+{{- printf "%s.%s.0" (regexReplaceAll "[^0-9]" .Capabilities.KubeVersion.Major "") (regexReplaceAll "[^0-9]" .Capabilities.KubeVersion.Minor "") -}}
+{{- end -}}

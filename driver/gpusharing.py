@@ -1,0 +1,170 @@
+"""GpuSharing: the state's sharing seam, filled with time-slicing and MPS from ``sharing/``.
+
+For one claim: resolve the opaque configs into config groups (defaults < class < claim), then per
+group apply what its sharing asks for - time-slicing on the group's full GPUs, or one MPS control
+daemon for the group (full GPUs and MIG devices alike; MPS on dynamic MIG is something NVIDIA's
+driver cannot do). What was applied is returned as JSON records, which ``driver.state`` writes to
+the checkpoint; :meth:`GpuSharing.undo` works from those records only.
+
+All or nothing: when group 2 fails, group 1 is undone before the error leaves :meth:`apply`, so a
+failed prepare leaves no daemon running and no compute mode changed.
+
+This module does not decode configs (``sharing.config``) nor run the tools (``sharing.timeslicing``,
+``sharing.mps``); it maps between their terms and the state's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cdi.spec import ContainerEdits
+from driver.errors import PermanentClaimError, TemporaryClaimError
+from driver.inventory import AllocatableDevice, Version
+from driver.kubeletplugin.claims import Claim
+from driver.state import SharingOutcome
+from mig.spec import MigLive
+from sharing.config import ConfigGroup, resolve_groups
+from sharing.errors import ConfigError as SharingConfigError
+from sharing.errors import SharingError
+from sharing.mps import MpsManager, mps_group_id
+from sharing.timeslicing import TimeSlicer
+
+log = structlog.get_logger(__name__)
+
+TIMESLICE = "timeslice"
+MPS = "mps"
+
+
+class GpuSharing:
+    """Applies and undoes a claim's time-slicing and MPS settings."""
+
+    def __init__(self, driver_name: str, timeslicer: TimeSlicer, mps: MpsManager) -> None:
+        self._driver = driver_name
+        self._timeslicer = timeslicer
+        self._mps = mps
+
+    def apply(
+        self,
+        claim_uid: str,
+        claim: Claim,
+        devices: Sequence[AllocatableDevice],
+        live: Mapping[str, MigLive] | None = None,
+    ) -> SharingOutcome:
+        """Apply the sharing of every config group of ``claim``.
+
+        Args:
+            claim_uid: the claim's UID (MPS daemon ids derive from it).
+            claim: the ResourceClaim (v1 JSON shape).
+            devices: the claim's devices of this driver.
+            live: MIG devices created for this claim, by device name (their MIG UUIDs).
+
+        Raises:
+            PermanentClaimError: a config is invalid or does not fit these devices.
+            TemporaryClaimError: a tool failed or a daemon did not answer in time.
+        """
+        groups = self._groups(claim, devices)
+        by_name = {d.name: d for d in devices}
+        records: list[dict[str, Any]] = []
+        edits: dict[str, ContainerEdits] = {}
+        try:
+            for group in groups:
+                members = [by_name[str(r.get("device"))] for r in group.results if r.get("device") in by_name]
+                record, group_edits = self._apply_group(claim_uid, group, members, live or {})
+                if record is not None:
+                    records.append(record)
+                for name in group_edits:
+                    edits[name] = edits.get(name, ContainerEdits()).merged(group_edits[name])
+        except SharingConfigError as exc:
+            self.undo(claim_uid, records)
+            raise PermanentClaimError(f"sharing config does not fit the allocated devices: {exc}") from exc
+        except SharingError as exc:
+            self.undo(claim_uid, records)
+            raise TemporaryClaimError(f"applying GPU sharing failed: {exc}") from exc
+        except BaseException:
+            self.undo(claim_uid, records)
+            raise
+        return SharingOutcome(records=tuple(records), edits=edits)
+
+    def _groups(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> list[ConfigGroup]:
+        alloc = (claim.get("status") or {}).get("allocation") or {}
+        results = (alloc.get("devices") or {}).get("results") or []
+        configs = (alloc.get("devices") or {}).get("config") or []
+        kinds = {d.name: ("gpu" if d.kind == "gpu" else "mig") for d in devices}
+        try:
+            return resolve_groups(results, configs, self._driver, lambda name: kinds.get(name, "unknown"))
+        except SharingConfigError as exc:
+            raise PermanentClaimError(
+                f"invalid opaque device config: {exc}; fix the claim's (or DeviceClass's) config"
+            ) from exc
+
+    def _apply_group(
+        self,
+        claim_uid: str,
+        group: ConfigGroup,
+        members: Sequence[AllocatableDevice],
+        live: Mapping[str, MigLive],
+    ) -> tuple[dict[str, Any] | None, dict[str, ContainerEdits]]:
+        config = group.config
+        if config is None or not members:
+            return None, {}
+        interval = config.time_slicing()
+        if interval is not None:
+            gpus = sorted({d.gpu_uuid for d in members if d.kind == "gpu"})
+            if not gpus:
+                return None, {}  # time-slicing has no effect on MIG devices, as with NVIDIA's driver
+            self._timeslicer.apply(gpus, interval)
+            log.info("time-slicing applied", gpus=gpus, interval=interval.interval)
+            return {"kind": TIMESLICE, "gpus": gpus, "level": interval.level}, {}
+        mps = config.mps()
+        if mps is None:
+            return None, {}  # no sharing: the device is used as it is, nothing on the GPU changes
+        uuids = [_sharing_uuid(d, live) for d in members]
+        memory = {_sharing_uuid(d, live): int(d.capacity.get("memory", 0)) for d in members}
+        capability = {_sharing_uuid(d, live): _capability(d) for d in members}
+        daemon = self._mps.start(mps_group_id(claim_uid, uuids), uuids, mps, memory, capability)
+        device_edits = daemon.container_edits()
+        return {"kind": MPS, **daemon.to_record()}, {d.name: device_edits for d in members}
+
+    def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Undo recorded sharing, newest first; a record of something already gone is fine."""
+        for record in reversed(list(records)):
+            kind = record.get("kind")
+            if kind == TIMESLICE:
+                self._timeslicer.reset([str(u) for u in record.get("gpus", [])])
+            elif kind == MPS:
+                self._mps.stop(record)
+            else:
+                log.warning("unknown sharing record left alone", record=dict(record), claim_uid=claim_uid)
+
+
+def _sharing_uuid(device: AllocatableDevice, live: Mapping[str, MigLive]) -> str:
+    """The UUID MPS addresses: the GPU's, or the MIG device's once it exists."""
+    if device.kind == "gpu":
+        return device.gpu_uuid
+    if device.mig_live is not None:
+        return device.mig_live.mig_uuid
+    created = live.get(device.name)
+    if created is None:
+        raise PermanentClaimError(f"MIG device {device.name} has no instance to run MPS on")
+    return created.mig_uuid
+
+
+def _capability(device: AllocatableDevice) -> tuple[int, int]:
+    value = device.attributes.get("cudaComputeCapability")
+    if isinstance(value, Version):
+        major, minor, *_ = (int(p) for p in value.value.split("."))
+        return major, minor
+    return 0, 0
+
+
+def find_tool(driver_root: Path, name: str) -> Path:
+    """``name`` from the driver root's usual bin dirs (as NVIDIA's driver looks it up)."""
+    for sub in ("usr/bin", "usr/sbin", "bin", "sbin", "opt/bin", "usr/local/bin"):
+        candidate = driver_root / sub / name
+        if candidate.is_file():
+            return candidate
+    return driver_root / "usr/bin" / name
