@@ -1,11 +1,19 @@
 """Prepare/unprepare latency and burst throughput through the real DRA socket; plugin start time.
 
-Prints figures, asserts nothing. The claim source is in-process (no API server), so "whole call"
-is the gRPC round trip plus the plugin's work, and "own part" is the plugin's work after the
-GET: DeviceState.prepare / unprepare (locks, checkpoint writes, CDI spec write, fsyncs).
-The real-API-server variant (GET included) belongs with the e2e ground.
+Prints figures, asserts nothing. Four parts:
 
-Run: .venv/bin/python benchmarks/bench_prepare.py [--iterations N] [--dir PATH]
+1. in-process plugin (claims from memory): "whole call" is the gRPC round trip plus the plugin's
+   work, "own part" is DeviceState.prepare / unprepare (locks, checkpoint write, CDI spec write,
+   fsyncs), timed around the call;
+2. the daemon as a process against the real API server (tests/ground control plane; claims
+   allocated by writing their status as the scheduler does): the whole call includes the claim
+   GET; the own part is what the daemon logs after the GET (``prepare_ms`` / ``unprepare_ms``).
+   Then a burst of 64 concurrent calls (8 claims x 8 pods), and 64 concurrent claim GETs through
+   ``driver.kube.Kube`` with the old shared token bucket (5 qps, burst 10) and the claim bucket;
+3. the file lock and the checkpoint write on their own (the costs inside "own part");
+4. start (process spawn) to registration socket ready, without an API server.
+
+Run: .venv/bin/python benchmarks/bench_prepare.py [--iterations N] [--no-api] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -30,6 +38,17 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 import structlog  # noqa: E402
 
+from benchmarks._common import (  # noqa: E402
+    DraClient,
+    FakeNode,
+    control_plane,
+    create_allocated_claims,
+    fake_node,
+    host_line,
+    line,
+    pct,
+    start_plugin,
+)
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc  # noqa: E402
 from driver.kubeletplugin import KubeletPlugin, SocketPaths  # noqa: E402
 from driver.kubeletplugin.claims import ClaimRef, StaticClaimSource  # noqa: E402
@@ -59,17 +78,6 @@ class TimedPreparer:
         self.state.unprepare(ref)
         with self._lock:
             self.unprepare_s.append(time.perf_counter() - t)
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    """The p-th percentile in milliseconds (nearest rank)."""
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k] * 1000
-
-
-def line(label: str, values: Sequence[float]) -> str:
-    return f"  {label:<34} p50 {pct(values, 50):7.2f} ms   p99 {pct(values, 99):7.2f} ms   (n={len(values)})"
 
 
 def claim_msg(claim: dict[str, Any]) -> dra_v1_pb2.Claim:
@@ -172,6 +180,180 @@ def bench_burst(work: Path, sockets: Path, rounds: int) -> None:
     print(f"  each claim prepared exactly once: {'yes' if once else 'NO'}")
 
 
+# ---- 2. the daemon against the real API server -------------------------------------------------
+
+API_NODE = "bench-node"
+API_NAMESPACE = "bench"
+
+
+def _own(events: list[dict[str, Any]], event: str, key: str, skip: int) -> list[float]:
+    return [float(e[key]) / 1000 for e in events if e.get("event") == event and key in e][skip:]
+
+
+def bench_api(iterations: int, rounds: int) -> None:
+    print("real API server (tests/ground control plane), daemon with --kubeconfig, fake a100-40gb-x8:")
+    started = time.perf_counter()
+    with control_plane(API_NODE, API_NAMESPACE) as cp, fake_node(API_NODE) as node:
+        print(f"  control plane up in {time.perf_counter() - started:.1f} s")
+        claims = create_allocated_claims(cp, API_NAMESPACE, API_NODE, [f"gpu-{i}" for i in range(8)])
+        kube = ("--kubeconfig", str(cp.kubeconfig))
+        _api_sequential(node, kube, claims, iterations)
+        _api_burst(node, kube, claims, rounds)
+        _claim_get_burst(cp, claims)
+
+
+def _api_sequential(
+    node: FakeNode, kube: tuple[str, ...], claims: list[dict[str, Any]], iterations: int
+) -> None:
+    plugin = start_plugin(node, *kube, "--log-level", "info", tag="-seq")
+    warm = 20
+    whole_prep: list[float] = []
+    whole_unprep: list[float] = []
+    try:
+        print(f"  spawn to registration socket: {plugin.wait_socket() * 1000:.0f} ms")
+        client = DraClient(node.dra_socket)
+        for i in range(iterations + warm):
+            claim = claims[i % len(claims)]
+            p = client.prepare([claim])
+            u = client.unprepare([claim])
+            if i >= warm:
+                whole_prep.append(p)
+                whole_unprep.append(u)
+        client.close()
+        time.sleep(0.3)  # the last log lines
+        events = plugin.events()
+    finally:
+        plugin.stop()
+    own_prep = _own(events, "claim prepared", "prepare_ms", warm)
+    own_unprep = _own(events, "claim unprepared", "unprepare_ms", warm)
+    print(f"  one-GPU claim, sequential, {iterations} iterations (own part from the daemon's log):")
+    print(line("prepare, whole call (GET included)", whole_prep))
+    print(line("prepare, claim GET", _own(events, "claim prepared", "get_ms", warm)))
+    print(line("prepare, plugin's own part after the GET", own_prep))
+    print(line("unprepare, whole call", whole_unprep))
+    print(line("unprepare, plugin's own part", own_unprep))
+    print(
+        line("prepare+unprepare, whole calls", [a + b for a, b in zip(whole_prep, whole_unprep, strict=True)])
+    )
+    print(line("prepare+unprepare, own part", [a + b for a, b in zip(own_prep, own_unprep, strict=True)]))
+
+
+def _api_burst(node: FakeNode, kube: tuple[str, ...], claims: list[dict[str, Any]], rounds: int) -> None:
+    # Debug logs tell an idempotent answer ("claim already prepared") from a prepare.
+    plugin = start_plugin(node, *kube, "--log-level", "debug", tag="-burst")
+    walls: list[float] = []
+    latencies: list[float] = []
+    try:
+        plugin.wait_socket()
+        client = DraClient(node.dra_socket)
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            for _ in range(rounds):
+                barrier = threading.Barrier(64)
+
+                def call(k: int, barrier: threading.Barrier = barrier) -> float:
+                    barrier.wait()
+                    return client.prepare([claims[k % 8]])
+
+                t0 = time.perf_counter()
+                latencies.extend(pool.map(call, range(64)))
+                walls.append(time.perf_counter() - t0)
+                client.unprepare(claims)
+        client.close()
+        time.sleep(0.3)
+        events = plugin.events()
+    finally:
+        plugin.stop()
+    repeats: dict[str, int] = {}
+    for e in events:
+        if e.get("event") == "claim already prepared":
+            repeats[str(e.get("claim"))] = repeats.get(str(e.get("claim")), 0) + 1
+    once = len(repeats) == len(claims) and set(repeats.values()) == {7 * rounds}
+    wall = statistics.median(walls)
+    print(f"  burst: 64 concurrent prepare calls, 8 claims x 8 pods over 8 GPUs, {rounds} rounds:")
+    print(
+        f"    median burst wall time {wall * 1000:.1f} ms -> {64 / wall:.0f} calls/s, {8 / wall:.0f} claims/s"
+    )
+    print(line("  per-call latency (GET included)", latencies))
+    print(
+        f"    each claim prepared exactly once per round: {'yes' if once else 'NO'} "
+        f"(idempotent answers per claim: {sorted(set(repeats.values()))}, expected [{7 * rounds}])"
+    )
+
+
+def _claim_get_burst(cp: Any, claims: list[dict[str, Any]]) -> None:
+    """64 concurrent claim GETs through driver.kube.Kube: one shared bucket (before) vs the claim bucket."""
+    from driver.kube import Kube
+
+    print("  64 concurrent claim GETs through driver.kube.Kube (a kubelet syncing 64 pods):")
+    for label, kwargs in (
+        ("shared bucket 5 qps / burst 10 (before)", {"claim_qps": 5.0, "claim_burst": 10}),
+        ("claim bucket (default, after)", {}),
+    ):
+        kube = Kube(cp.api_client(), **kwargs)  # type: ignore[arg-type]
+        kube.resource_api_version()  # discovery is a one-off, not part of the burst
+        barrier = threading.Barrier(64)
+
+        def get(k: int, kube: Kube = kube, barrier: threading.Barrier = barrier) -> float:
+            meta = claims[k % 8]["metadata"]
+            barrier.wait()
+            t = time.perf_counter()
+            kube.get_resource_claim(meta["namespace"], meta["name"])
+            return time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            took = list(pool.map(get, range(64)))
+        wall = time.perf_counter() - t0
+        figures = f"p50 {pct(took, 50):8.1f} ms   p99 {pct(took, 99):8.1f} ms"
+        print(f"    {label:<40} wall {wall * 1000:8.1f} ms   {figures}")
+
+
+# ---- 3. the file lock and the checkpoint on their own -----------------------------------------
+
+
+def bench_storage(work: Path, n: int) -> None:
+    from driver.checkpoint import PREPARE_COMPLETED, CheckpointStore, PreparedClaim
+    from driver.checkpoint import PreparedDevice as Recorded
+    from driver.flock import FileLock
+
+    d = work / "storage"
+    d.mkdir(parents=True, exist_ok=True)
+    times: list[float] = []
+    for _ in range(n * 5):
+        t = time.perf_counter()
+        with FileLock(d / "x.lock"):
+            pass
+        times.append(time.perf_counter() - t)
+    print(f"storage primitives ({d}):")
+    print(line("FileLock acquire+release", times))
+
+    def claim(uid: str, minor: int) -> PreparedClaim:
+        dev = Recorded(
+            ["gpu"],
+            API_NODE,
+            f"gpu-{minor}",
+            [f"k8s.gpu.nvidia.com/claim={uid}-gpu-{minor}"],
+            "gpu",
+            f"GPU-{minor}",
+        )
+        return PreparedClaim(uid, "ns", f"c-{uid}", PREPARE_COMPLETED, [dev], [], 1.0, 2.0)
+
+    store = CheckpointStore(d / "checkpoint.json")
+    store.startup()
+    for i in range(7):
+        store.put(claim(f"held-{i}", i))
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        store.put(claim(f"new-{i}", 7))
+        store.remove(f"new-{i}")
+        times.append((time.perf_counter() - t) / 2)
+    print(line("checkpoint write (7-8 claims recorded)", times))
+
+
+# ---- 4. start-up ------------------------------------------------------------------------------
+
+
 def bench_startup(work: Path, runs: int) -> None:
     from tests.ground.driverroot import make_fake_driver_root
 
@@ -211,24 +393,32 @@ def bench_startup(work: Path, runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--no-api", action="store_true", help="skip the real-API-server part (no Go peers)")
     parser.add_argument(
-        "--dir", type=Path, default=None, help="where state and CDI files go (default: a temp dir)"
+        "--dir", type=Path, default=None, help="where state files go (default: a temp dir)"
     )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
     work = args.dir or Path(tempfile.mkdtemp(prefix="gd-bench-"))
     # Short path (Unix socket limit); on tmpfs when there is one, as /var/run/cdi is.
     sockets = Path(tempfile.mkdtemp(prefix="gds-", dir="/dev/shm" if Path("/dev/shm").is_dir() else "/tmp"))
-    print(
-        f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}"
-    )
+    print(host_line())
     try:
+        print("--- 1. in-process plugin, claims from memory")
         bench_sequential(work, sockets, args.iterations)
         bench_burst(work, sockets, args.rounds)
+        if not args.no_api:
+            print("--- 2. daemon process, real API server")
+            bench_api(args.iterations, args.rounds)
+        print("--- 3. storage primitives")
+        bench_storage(work, args.iterations)
+        print("--- 4. start-up")
         bench_startup(work, args.starts)
     finally:
         shutil.rmtree(sockets, ignore_errors=True)

@@ -1,9 +1,13 @@
 """The plugin's checkpoint: which claims are prepared (or half-prepared), surviving restarts.
 
-The file is versioned JSON with a checksum and the node's boot id::
+The file is versioned JSON with a checksum and the node's boot id, on one line (read it with
+``python -m json.tool`` or ``gpu-dra`` debug commands)::
 
-    {"version": 1, "checksum": "<sha256 of canonical JSON of data>",
-     "data": {"nodeBootID": "...", "claims": {"<uid>": {...PreparedClaim...}}}}
+    {"checksum":"<sha256 of canonical JSON of data>","data":{"claims":{"<uid>":{...}},
+     "nodeBootID":"..."},"version":1}
+
+The canonical JSON of ``data`` (sorted keys, no whitespace) is produced once per write, hashed and
+embedded as it is; a reader accepts any whitespace, since it re-serialises ``data`` to verify.
 
 Why each part exists:
 
@@ -11,7 +15,9 @@ Why each part exists:
   crash start-up knows which claims need rolling back;
 * writes are atomic (temp file, fsync, rename, fsync dir) and every read-modify-write runs under a
   file lock on ``<path>.lock``, so kill -9 at any point leaves the old or the new file and two
-  plugin processes (rolling update) never lose each other's updates;
+  plugin processes (rolling update) never lose each other's updates; a read-modify-write still
+  reads the file, but when its bytes are the ones this store last wrote or read it reuses the
+  claims decoded then instead of parsing and verifying them again;
 * the checksum catches a torn or hand-edited file; :meth:`CheckpointStore.startup` moves such a
   file aside to ``<path>.corrupt-<timestamp>`` and starts empty - reported loudly, never a crash
   loop;
@@ -196,9 +202,16 @@ def checksum(data: Any) -> str:
 
 def encode(boot_id: str, claims: Mapping[str, PreparedClaim]) -> str:
     """The checkpoint file's text for ``claims`` recorded under ``boot_id``."""
+    return _encode_bytes(boot_id, claims).decode()
+
+
+def _encode_bytes(boot_id: str, claims: Mapping[str, PreparedClaim]) -> bytes:
+    # The data is serialised once, canonically, and those very bytes are both hashed and embedded:
+    # the file is the document {"checksum", "data", "version"} with sorted keys, on one line.
     data = {"nodeBootID": boot_id, "claims": {uid: c.to_dict() for uid, c in sorted(claims.items())}}
-    doc = {"version": FORMAT_VERSION, "checksum": checksum(data), "data": data}
-    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    body = canonical_json(data)
+    digest = hashlib.sha256(body).hexdigest()
+    return b'{"checksum":"%s","data":%s,"version":%d}\n' % (digest.encode(), body, FORMAT_VERSION)
 
 
 def decode(text: str | bytes) -> tuple[str, dict[str, PreparedClaim]]:
@@ -274,6 +287,9 @@ class CheckpointStore:
         self.lock_path = path.with_name(path.name + ".lock")
         self.lock_timeout_s = lock_timeout_s
         self.boot_id = self._read_boot_id(boot_id_path)
+        # What this store last wrote or read, and its claims: an update that finds the file
+        # unchanged (byte for byte) skips decoding it again.
+        self._known: tuple[bytes, dict[str, PreparedClaim]] | None = None
 
     @staticmethod
     def _read_boot_id(path: Path) -> str:
@@ -296,11 +312,18 @@ class CheckpointStore:
             text = self.path.read_bytes()
         except FileNotFoundError:
             return {}
+        known = self._known
+        if known is not None and known[0] == text:
+            return dict(known[1])
         _, claims = decode(text)
+        self._known = (text, dict(claims))
         return claims
 
     def _write_unlocked(self, claims: Mapping[str, PreparedClaim]) -> None:
-        write_atomic(self.path, encode(self.boot_id, claims), mode=FILE_MODE)
+        payload = _encode_bytes(self.boot_id, claims)
+        self._known = None  # a failed write leaves the file in a state we did not see
+        write_atomic(self.path, payload, mode=FILE_MODE)
+        self._known = (payload, dict(claims))
 
     def load(self) -> dict[str, PreparedClaim]:
         """All claims; raises CheckpointCorruptError if the file went bad since :meth:`startup`."""

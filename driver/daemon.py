@@ -141,9 +141,35 @@ class Daemon:
             cfg.driver_name,
             cfg.pod_uid,
         )
-        self.plugin = KubeletPlugin(cfg.driver_name, paths, DraService(self.state, source))
+        # --- device health stream (driver.health, driver.kubeletplugin.healthstream) ---
+        from driver.health import HealthMonitor, open_source
+        from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
+
+        device_state = self.state
+        monitor = HealthMonitor(
+            cfg.node_name,
+            lambda: device_state.inventory.devices,
+            open_source(
+                cfg.nvml_backend,
+                nvml,
+                (d.gpu_uuid for d in inventory.devices),
+                fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+            ),
+        )
+        monitor.start()
+        self.plugin = KubeletPlugin(
+            cfg.driver_name,
+            paths,
+            DraService(self.state, source),
+            extra_handlers=health_handlers(monitor),
+            extra_services=HEALTH_SERVICES,
+        )
         self.plugin.start()
         self._closers.append(self.plugin.stop)
+        # Closers run in reverse: the monitor stops first, which ends the open health streams so
+        # the DRA server's graceful stop does not wait for them.
+        self._closers.append(monitor.stop)
+        # --- end device health stream ---
         log.info("plugin ready", startup_ms=round((time.monotonic() - self.started_at) * 1000, 1))
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
@@ -188,19 +214,15 @@ class Daemon:
 
     def _mig_hook(self, checkpoint: CheckpointStore, mode: str) -> MigHook | None:
         from driver.migdiscovery import make_mig_hook
-        from driver.state import mig_live
+        from driver.state import owned_mig_placements
 
         if self._mig_backend is None:
             return None
         if not self.cfg.gate("DynamicMIG"):
             mode = "static"
-        # Instances recorded by completed claims are ours; anything else on a GPU is left alone.
-        owned = [
-            (live.parent_uuid, live.gi_profile_id, live.placement_start)
-            for claim in checkpoint.load().values()
-            for d in claim.devices
-            if (live := mig_live(d.mig)) is not None
-        ]
+        # Instances of checkpointed claims are ours (a crashed prepare's leftovers included, so
+        # reconcile can roll them back); anything else on a GPU is left alone.
+        owned = owned_mig_placements(checkpoint.load().values())
         return make_mig_hook(
             self._mig_backend, mode, allow_mig_mode_change=self.cfg.allow_mig_mode_change, owned=owned
         )

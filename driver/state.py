@@ -58,7 +58,7 @@ from driver.flock import FileLock, LockTimeoutError
 from driver.inventory import AllocatableDevice, Inventory
 from driver.kubeletplugin.claims import Claim, ClaimRef
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
-from mig.spec import MigLive, MigSpec
+from mig.spec import MigLive, MigSpec, parse_name
 
 log = structlog.get_logger(__name__)
 
@@ -474,6 +474,27 @@ def mig_live(record: Mapping[str, int | str] | None) -> MigLive | None:
         ) from exc
 
 
+def owned_mig_placements(claims: Iterable[PreparedClaim]) -> list[tuple[str, int, int]]:
+    """``(parent UUID, GI profile id, placement start)`` of every MIG instance the checkpoint's
+    claims own or may have half-made.
+
+    Completed claims name theirs in their MIG record. An unfinished prepare (killed between its
+    ``PrepareStarted`` record and the record of what it created) names only the planned device,
+    whose canonical name carries profile and placement: whatever sits there is its leftover, to be
+    published as ours so start-up reconcile can find and roll it back - not a foreign instance
+    to keep forever.
+    """
+    owned: list[tuple[str, int, int]] = []
+    for claim in claims:
+        for d in claim.devices:
+            live = mig_live(d.mig)
+            if live is not None:
+                owned.append((live.parent_uuid, live.gi_profile_id, live.placement_start))
+            elif d.kind == "mig-dynamic" and (parsed := parse_name(d.device)) is not None:
+                owned.append((d.gpu_uuid, parsed.gi_profile_id, parsed.placement_start))
+    return owned
+
+
 def mig_live_required(recorded: PreparedDevice) -> MigLive:
     """The live MIG device of ``recorded``, which must have one."""
     live = mig_live(recorded.mig)
@@ -798,4 +819,5 @@ __all__ = [
     "SharingOutcome",
     "Unsupported",
     "default_actions",
+    "owned_mig_placements",
 ]

@@ -33,6 +33,7 @@ from typing import Any
 import celpy
 import celpy.celtypes as ct
 import lark
+from celpy.celparser import CELParseError
 from celpy.evaluation import CELEvalError
 
 from driver.inventory import Version
@@ -154,7 +155,7 @@ def _is_number(v: Any) -> bool:
     )
 
 
-def _cel_equal(a: Any, b: Any) -> Any:
+def _cel_equal(a: Any, b: Any) -> Any:  # noqa: PLR0911 - one return per CEL type rule
     """CEL heterogeneous equality as cel-go implements it: different types are simply unequal."""
     if isinstance(a, CELEvalError):
         return a
@@ -169,7 +170,12 @@ def _cel_equal(a: Any, b: Any) -> Any:
     if isinstance(a, ct.ListType):
         if len(a) != len(b):
             return ct.BoolType(False)
-        return ct.BoolType(all(_cel_equal(x, y) is True or _cel_equal(x, y) == ct.BoolType(True) for x, y in zip(a, b, strict=True)))
+        return ct.BoolType(
+            all(
+                _cel_equal(x, y) is True or _cel_equal(x, y) == ct.BoolType(True)
+                for x, y in zip(a, b, strict=True)
+            )
+        )
     return ct.BoolType(a == b)
 
 
@@ -313,20 +319,25 @@ FUNCTIONS: Mapping[str, Callable[..., Any]] = {
     "major": _method("major", ct.IntType),
     "minor": _method("minor", ct.IntType),
     "patch": _method("patch", ct.IntType),
-    "lowerAscii": _str_fn(lambda s: s.lower() if s.isascii() else "".join(c.lower() if c.isascii() else c for c in s), ct.StringType),
+    "lowerAscii": _str_fn(
+        lambda s: s.lower() if s.isascii() else "".join(c.lower() if c.isascii() else c for c in s),
+        ct.StringType,
+    ),
     "upperAscii": _str_fn(lambda s: "".join(c.upper() if c.isascii() else c for c in s), ct.StringType),
     "trim": _str_fn(str.strip, ct.StringType),
     "charAt": _str_fn(lambda s, i: s[int(i)] if int(i) < len(s) else "", ct.StringType),
     "indexOf": _str_fn(lambda s, sub, *start: s.find(str(sub), *(int(x) for x in start)), ct.IntType),
     "lastIndexOf": _str_fn(lambda s, sub: s.rfind(str(sub)), ct.IntType),
-    "replace": _str_fn(lambda s, old, new, *n: s.replace(str(old), str(new), *(int(x) for x in n)), ct.StringType),
+    "replace": _str_fn(
+        lambda s, old, new, *n: s.replace(str(old), str(new), *(int(x) for x in n)), ct.StringType
+    ),
     "split": _str_fn(lambda s, sep: [ct.StringType(x) for x in s.split(str(sep))], ct.ListType),
     "substring": _str_fn(_substring, ct.StringType),
     "join": _join,
 }
 
 
-def _type_name(value: Any) -> str:
+def _type_name(value: Any) -> str:  # noqa: PLR0911 - a lookup by type
     if isinstance(value, Quantity):
         return "Quantity"
     if isinstance(value, Semver):
@@ -399,7 +410,9 @@ def device_activation(
             ct.StringType("attributes"): _DefaultMap(
                 {ct.StringType(d): ct.MapType(v) for d, v in attrs.items()}
             ),
-            ct.StringType("capacity"): _DefaultMap({ct.StringType(d): ct.MapType(v) for d, v in caps.items()}),
+            ct.StringType("capacity"): _DefaultMap(
+                {ct.StringType(d): ct.MapType(v) for d, v in caps.items()}
+            ),
         }
     )
     return {"device": device}
@@ -419,7 +432,7 @@ class Issue:
         return f"{self.message}; fix: {self.fix}" if self.fix else self.message
 
 
-class _Reject(Exception):
+class _RejectError(Exception):
     def __init__(self, issue: Issue) -> None:
         super().__init__(issue.message)
         self.issue = issue
@@ -443,6 +456,7 @@ _FUNCTIONS_GLOBAL: Mapping[str, str] = {
     "dyn": "dyn",
     "type": "dyn",
     "matches": "bool",
+    "sign": "int",  # a global function in Kubernetes' quantity library, not a method
     "duration": "duration",
     "timestamp": "timestamp",
 }
@@ -454,7 +468,6 @@ _QUANTITY_METHODS: Mapping[str, str] = {
     "sub": "quantity",
     "asInteger": "int",
     "asApproximateFloat": "double",
-    "sign": "int",
     "isInteger": "bool",
 }
 _SEMVER_METHODS: Mapping[str, str] = {
@@ -493,7 +506,7 @@ _LIST_METHODS: Mapping[str, str] = {
 }
 
 
-def _children(tree: lark.Tree) -> list[Any]:
+def _children(tree: lark.Tree[Any]) -> list[Any]:
     return list(tree.children)
 
 
@@ -504,7 +517,7 @@ class _Checker:
         self.expression = expression
         self.scope: list[str] = []
 
-    def text(self, tree: lark.Tree) -> str:
+    def text(self, tree: lark.Tree[Any]) -> str:
         meta = getattr(tree, "meta", None)
         if meta is None or getattr(meta, "empty", True):
             return "<expression>"
@@ -571,11 +584,11 @@ class _Checker:
             for k in _children(kids[0]) if kids and kids[0] is not None else []:
                 self.type_of(k)
             return "map"
-        raise _Reject(Issue(f"unsupported syntax {kind} in {self.text(tree)}"))
+        raise _RejectError(Issue(f"unsupported syntax {kind} in {self.text(tree)}"))
 
     def require(self, ok: bool, message: str, fix: str = "") -> None:
         if not ok:
-            raise _Reject(Issue(message, fix))
+            raise _RejectError(Issue(message, fix))
 
     def bool_operand(self, tree: Any, op: str) -> None:
         t = self.type_of(tree)
@@ -590,7 +603,7 @@ class _Checker:
         text = self.text(tree)
         match = re.search(r"device\.(attributes|capacity)\.(\w+)", text)
         if match:
-            raise _Reject(
+            raise _RejectError(
                 Issue(
                     f"{match.group(0)} looks up {match.group(2)!r} without its domain "
                     f"(device.{match.group(1)} is grouped by domain)",
@@ -598,7 +611,7 @@ class _Checker:
                 )
             )
 
-    def relation(self, op_tree: lark.Tree, right: Any) -> str:
+    def relation(self, op_tree: lark.Tree[Any], right: Any) -> str:
         op = op_tree.data.removeprefix("relation_")
         left = _children(op_tree)[0]
         lt, rt = self.type_of(left), self.type_of(right)
@@ -608,7 +621,10 @@ class _Checker:
                 self.domainless(node)
         whole = f"{self.text(left)} {symbol} {self.text(right)}"
         if op == "in":
-            self.require(rt in ("list", "map", "dyn"), f"'in' needs a list or map on the right: {whole}")
+            self.require(
+                rt in ("list", "map", "dyn", "attrs", "caps", "attrdomain", "capdomain"),
+                f"'in' needs a list or map on the right: {whole}",
+            )
             return "bool"
         if op in ("lt", "le", "gt", "ge"):
             if "quantity" in (lt, rt) or "semver" in (lt, rt):
@@ -617,9 +633,9 @@ class _Checker:
                 fix = f"{self.text(left)}.compareTo({self.text(right)}) {symbol} 0"
                 if method:
                     fix += f" (or {self.text(left)}.{method}({self.text(right)}))"
-                raise _Reject(Issue(f"'{symbol}' is not defined for {what}: {whole}", fix))
+                raise _RejectError(Issue(f"'{symbol}' is not defined for {what}: {whole}", fix))
             self.require(
-                lt == "dyn" or rt == "dyn" or lt == rt or (lt in _NUMERIC and rt in _NUMERIC),
+                "dyn" in (lt, rt) or lt == rt or (lt in _NUMERIC and rt in _NUMERIC),
                 f"no matching overload for '{symbol}' applied to ({_show(lt)}, {_show(rt)}): {whole}",
             )
             self.require(
@@ -627,19 +643,21 @@ class _Checker:
                 f"'{symbol}' is not defined for {_show(lt)}: {whole}",
             )
             return "bool"
-        if lt != "dyn" and rt != "dyn" and lt != rt and not (lt in _NUMERIC and rt in _NUMERIC):
+        if "dyn" not in (lt, rt) and lt != rt and not (lt in _NUMERIC and rt in _NUMERIC):
             fix = ""
             if "quantity" in (lt, rt):
                 other = self.text(right) if lt == "quantity" else self.text(left)
                 fix = f"compare quantities with quantities: ... .compareTo(quantity({other})) == 0"
             elif "semver" in (lt, rt):
                 fix = 'compare versions with semver("x.y.z") and compareTo(...) == 0'
-            raise _Reject(
-                Issue(f"no matching overload for '{symbol}' applied to ({_show(lt)}, {_show(rt)}): {whole}", fix)
+            raise _RejectError(
+                Issue(
+                    f"no matching overload for '{symbol}' applied to ({_show(lt)}, {_show(rt)}): {whole}", fix
+                )
             )
         return "bool"
 
-    def arith(self, op_tree: lark.Tree, right: Any) -> str:
+    def arith(self, op_tree: lark.Tree[Any], right: Any) -> str:
         left = _children(op_tree)[0]
         lt, rt = self.type_of(left), self.type_of(right)
         symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/", "mod": "%"}[op_tree.data.split("_")[-1]]
@@ -647,19 +665,19 @@ class _Checker:
         if "quantity" in (lt, rt):
             method = {"+": "add", "-": "sub"}.get(symbol)
             fix = f"{self.text(left)}.{method}({self.text(right)})" if method else "use asInteger() first"
-            raise _Reject(Issue(f"'{symbol}' is not defined for quantities: {whole}", fix))
+            raise _RejectError(Issue(f"'{symbol}' is not defined for quantities: {whole}", fix))
         self.require(
-            lt == "dyn" or rt == "dyn" or lt == rt,
+            "dyn" in (lt, rt) or lt == rt,
             f"no matching overload for '{symbol}' applied to ({_show(lt)}, {_show(rt)}): {whole}",
         )
         return lt if lt != "dyn" else rt
 
-    def member_dot(self, tree: lark.Tree, base: Any, name: str) -> str:
+    def member_dot(self, tree: lark.Tree[Any], base: Any, name: str) -> str:
         bt = self.type_of(base)
         if bt == "device":
             fields = {"driver": "string", "attributes": "attrs", "capacity": "caps"}
             if name not in fields:
-                raise _Reject(
+                raise _RejectError(
                     Issue(
                         f"undefined field {name!r} of device (it has driver, attributes, capacity)",
                         f'device.attributes["gpu.nvidia.com"].{name}',
@@ -675,7 +693,7 @@ class _Checker:
         self.require(bt in ("dyn", "map"), f"type {_show(bt)} has no field {name!r}: {self.text(tree)}")
         return "dyn"
 
-    def member_index(self, tree: lark.Tree, base: Any, index: Any) -> str:
+    def member_index(self, tree: lark.Tree[Any], base: Any, index: Any) -> str:
         bt, it = self.type_of(base), self.type_of(index)
         if bt in ("attrs", "caps"):
             self.require(it in ("string", "dyn"), f"domain index must be a string: {self.text(tree)}")
@@ -687,11 +705,15 @@ class _Checker:
         self.require(bt in ("dyn", "map", "list"), f"type {_show(bt)} cannot be indexed: {self.text(tree)}")
         return "dyn"
 
-    def method(self, tree: lark.Tree, target: Any, name: str, args: list[Any]) -> str:
+    def method(  # noqa: PLR0912 - one branch per receiver type, as the checker has
+        self, tree: lark.Tree[Any], target: Any, name: str, args: list[Any]
+    ) -> str:
         if name in _MACROS:
             self.type_of(target)
             var = self.ident_name(args[0]) if args else None
-            self.require(var is not None and len(args) in (2, 3), f"malformed macro {name}: {self.text(tree)}")
+            self.require(
+                var is not None and len(args) in (2, 3), f"malformed macro {name}: {self.text(tree)}"
+            )
             self.scope.append(str(var))
             try:
                 for arg in args[1:]:
@@ -700,7 +722,9 @@ class _Checker:
                 self.scope.pop()
             return "list" if name in ("map", "filter") else "bool"
         if isinstance(target, lark.Tree) and self.text(target) == "cel":
-            raise _Reject(Issue(f"cel.{name}() is not evaluated by gpu-dra explain", "write the bound expression out"))
+            raise _RejectError(
+                Issue(f"cel.{name}() is not evaluated by gpu-dra explain", "write the bound expression out")
+            )
         tt = self.type_of(target)
         arg_types = [self.type_of(a) for a in args]
         table: Mapping[str, str]
@@ -717,15 +741,28 @@ class _Checker:
         else:
             if tt in ("attrdomain", "capdomain"):
                 self.domainless(target)
-            raise _Reject(Issue(f"no method {name}() on {_show(tt)}: {self.text(tree)}"))
+            raise _RejectError(Issue(f"no method {name}() on {_show(tt)}: {self.text(tree)}"))
+        if name == "sign" and tt in ("quantity", "dyn"):
+            raise _RejectError(
+                Issue(
+                    f"sign is a function, not a method: {self.text(tree)}",
+                    f"sign({self.text(target)})",
+                )
+            )
         if name not in table:
-            raise _Reject(Issue(f"undeclared reference to {name!r} on {_show(tt)}: {self.text(tree)}"))
-        if tt in ("quantity", "semver") and name in ("isGreaterThan", "isLessThan", "compareTo", "add", "sub"):
+            raise _RejectError(Issue(f"undeclared reference to {name!r} on {_show(tt)}: {self.text(tree)}"))
+        if tt in ("quantity", "semver") and name in (
+            "isGreaterThan",
+            "isLessThan",
+            "compareTo",
+            "add",
+            "sub",
+        ):
             allowed = {tt, "dyn"} | ({"int"} if name in ("add", "sub") and tt == "quantity" else set())
             self.require(len(args) == 1, f"{name}() takes one argument: {self.text(tree)}")
             if arg_types[0] not in allowed:
                 ctor = "quantity" if tt == "quantity" else "semver"
-                raise _Reject(
+                raise _RejectError(
                     Issue(
                         f"{name}() on a {_show(tt)} needs a {_show(tt)} argument, got {_show(arg_types[0])}: "
                         f"{self.text(tree)}",
@@ -739,17 +776,24 @@ class _Checker:
             )
         return table[name]
 
-    def function(self, tree: lark.Tree, name: str, args: list[Any]) -> str:
+    def function(self, tree: lark.Tree[Any], name: str, args: list[Any]) -> str:
         if name == "has":
             self.require(
                 len(args) == 1 and self.is_field_selection(args[0]),
-                f"has() needs a field selection like has(device.attributes[\"gpu.nvidia.com\"].x): "
+                f'has() needs a field selection like has(device.attributes["gpu.nvidia.com"].x): '
                 f"{self.text(tree)}",
             )
             self.type_of(args[0])
             return "bool"
-        self.require(name in _FUNCTIONS_GLOBAL, f"undeclared reference to function {name!r}: {self.text(tree)}")
+        self.require(
+            name in _FUNCTIONS_GLOBAL, f"undeclared reference to function {name!r}: {self.text(tree)}"
+        )
         types = [self.type_of(a) for a in args]
+        if name == "sign":
+            self.require(
+                len(types) == 1 and types[0] in ("quantity", "dyn"),
+                f"sign() takes one quantity: {self.text(tree)}",
+            )
         if name in ("quantity", "semver", "isQuantity", "isSemver"):
             self.require(
                 len(types) >= 1 and types[0] in ("string", "dyn"),
@@ -790,7 +834,7 @@ class _Checker:
             return "device"
         if name in self.scope:
             return "dyn"
-        raise _Reject(
+        raise _RejectError(
             Issue(
                 f"undeclared reference to {name!r} (the only variable is device)",
                 'read attributes as device.attributes["<domain>"].<name>',
@@ -889,17 +933,17 @@ def check(expression: str) -> tuple[Issue, ...]:
         )
     try:
         tree = _ENV.compile(expression)
-    except celpy.CELParseError as exc:
+    except CELParseError as exc:
         return (Issue(f"syntax error: {str(exc).splitlines()[0]}"),)
     checker = _Checker(expression)
     try:
         result = checker.type_of(tree)
-    except _Reject as rej:
+    except _RejectError as rej:
         return (rej.issue,)
     if result in ("attrdomain", "capdomain"):
         try:
             checker.domainless(tree)
-        except _Reject as rej:
+        except _RejectError as rej:
             return (rej.issue,)
     if result not in ("bool", "dyn"):
         return (Issue(f"must evaluate to bool, not {_show(result)}", f"({expression}) == <value>"),)

@@ -22,7 +22,7 @@ from fractions import Fraction
 from typing import Any
 
 from driver.debug.cel import Outcome, compile_selector, device_activation
-from driver.inventory import DRIVER_NAME, Version
+from driver.inventory import Version
 from driver.resourceslices import parse_quantity
 
 JsonDict = dict[str, Any]
@@ -117,8 +117,12 @@ def node_from_slices(slices: Iterable[Mapping[str, Any]]) -> NodeDevices:
                         driver=driver,
                         pool=pool,
                         name=raw["name"],
-                        attributes={k: _decode_attribute(v) for k, v in (body.get("attributes") or {}).items()},
-                        capacity={k: parse_quantity(v["value"]) for k, v in (body.get("capacity") or {}).items()},
+                        attributes={
+                            k: _decode_attribute(v) for k, v in (body.get("attributes") or {}).items()
+                        },
+                        capacity={
+                            k: parse_quantity(v["value"]) for k, v in (body.get("capacity") or {}).items()
+                        },
                         consumes=tuple(
                             (c["counterSet"], _counter_values(c.get("counters", {})))
                             for c in body.get("consumesCounters") or []
@@ -155,7 +159,11 @@ class Constraint:
     distinct_attribute: str | None = None
 
     def covers(self, alternative: str) -> bool:
-        return not self.requests or alternative in self.requests or alternative.split("/")[0] in self.requests
+        return (
+            not self.requests
+            or alternative in self.requests
+            or alternative.split("/", maxsplit=1)[0] in self.requests
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +321,7 @@ def _clause_result(clause: Clause) -> str:
     return "true" if clause.outcome.matched else "false"
 
 
-class _Abort(Exception):
+class _AbortError(Exception):
     pass
 
 
@@ -326,7 +334,9 @@ class _Evaluator:
         self.activations: dict[str, dict[str, Any]] = {}
 
     def clauses(self, alt: Alternative) -> list[tuple[str, str]]:
-        out = [(f"class {alt.class_name} #{i}", e) for i, e in enumerate(self.classes.get(alt.class_name, ()))]
+        out = [
+            (f"class {alt.class_name} #{i}", e) for i, e in enumerate(self.classes.get(alt.class_name, ()))
+        ]
         out += [(f"request #{i}", e) for i, e in enumerate(alt.selectors)]
         return out
 
@@ -387,7 +397,9 @@ class _Search:
             return False
         result = self.ev.result(alt, device)
         if result.error:
-            raise _Abort(f"CEL runtime error on device {device.name}, request {alt.name}: {result.error}")
+            raise _AbortError(
+                f"CEL runtime error on device {device.name}, request {alt.name}: {result.error}"
+            )
         return result.matched
 
     def fits_counters(self, device: Device) -> bool:
@@ -442,7 +454,7 @@ class _Search:
     def tick(self) -> None:
         self.steps += 1
         if self.steps > MAX_SEARCH_STEPS:
-            raise _Abort(f"search gave up after {MAX_SEARCH_STEPS} steps; simplify the claim")
+            raise _AbortError(f"search gave up after {MAX_SEARCH_STEPS} steps; simplify the claim")
 
     def request(self, index: int) -> bool:
         if index == len(self.claim.requests):
@@ -464,7 +476,11 @@ class _Search:
         if device is None:
             return self.request(index + 1)
         self.tick()
-        if device.key in self.used or not self.fits_counters(device) or not self.fits_constraints(alt, device):
+        if (
+            device.key in self.used
+            or not self.fits_counters(device)
+            or not self.fits_constraints(alt, device)
+        ):
             return False
         self.take(alt, device)
         if self.pick_all(alt, cands, at + 1, index):
@@ -482,7 +498,11 @@ class _Search:
             if device is None:
                 return False
             self.tick()
-            if device.key in self.used or not self.fits_counters(device) or not self.fits_constraints(alt, device):
+            if (
+                device.key in self.used
+                or not self.fits_counters(device)
+                or not self.fits_constraints(alt, device)
+            ):
                 continue
             self.take(alt, device)
             if self.pick(alt, cands, i + 1, left - 1, index):
@@ -549,11 +569,13 @@ def explain(
             devices = tuple(evaluator.result(alt, d) for d in node.devices)
             results.append(AlternativeResult(alt, devices, None))
     if rejections:
-        return Explanation(claim, tuple(results), tuple(rejections), False, {}, "the API server rejects this claim")
+        return Explanation(
+            claim, tuple(results), tuple(rejections), False, {}, "the API server rejects this claim"
+        )
     search = _Search(claim, node, evaluator, frozenset(allocated))
     try:
         fits = search.request(0)
-    except _Abort as exc:
+    except _AbortError as exc:
         return Explanation(claim, tuple(results), (), False, {}, str(exc))
     if fits:
         allocation = {name: tuple(d.name for d in ds) for name, ds in search.chosen.items()}

@@ -12,6 +12,7 @@ off) or check what the policy and RBAC allow (tests/e2e/test_node_restriction.py
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -58,7 +59,9 @@ class Helm:
             [str(self.binary), *args], env=env, capture_output=True, text=True, check=False, timeout=120
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def template(self, release: str, namespace: str, sets: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -88,8 +91,8 @@ def helm(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def dyn(kube_client: kclient.ApiClient) -> dynamic.DynamicClient:
-    return dynamic.DynamicClient(kube_client)
+def dyn(kube_client: kclient.ApiClient) -> Any:
+    return dynamic.DynamicClient(kube_client)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +151,7 @@ def _env(ds: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-def _dry_run_apply(dyn: dynamic.DynamicClient, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+def _dry_run_apply(dyn: Any, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
     kwargs: dict[str, Any] = {"namespace": namespace} if resource.namespaced else {}
     result = dyn.server_side_apply(
@@ -169,13 +172,15 @@ def _dry_run_apply(dyn: dynamic.DynamicClient, obj: dict[str, Any], namespace: s
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lint(helm: Helm, variant: str) -> None:
-    proc = helm.run("lint", str(CHART), "--strict", "--kube-version", helm.kube_version, *_set_flags(VARIANTS[variant]))
+    proc = helm.run(
+        "lint", str(CHART), "--strict", "--kube-version", helm.kube_version, *_set_flags(VARIANTS[variant])
+    )
     assert "0 chart(s) failed" in proc.stdout
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rendered_objects_are_accepted_by_the_api_server(
-    helm: Helm, dyn: dynamic.DynamicClient, namespace: str, variant: str
+    helm: Helm, dyn: Any, namespace: str, variant: str
 ) -> None:
     objs = helm.template("chart-test", namespace, VARIANTS[variant])
     assert "DaemonSet" in _kinds(objs)
@@ -241,7 +246,9 @@ def test_default_render(helm: Helm) -> None:
     assert host_paths["driver-root"] == "/"
 
     role = _one(objs, "ClusterRole")
-    assert sorted((r["apiGroups"][0], r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]) == [
+    assert sorted(
+        (r["apiGroups"][0], r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]
+    ) == [
         ("", "nodes", ("get",)),
         ("resource.k8s.io", "resourceclaims", ("get",)),
         ("resource.k8s.io", "resourceslices", ("create", "delete", "get", "list", "update", "watch")),
@@ -252,7 +259,10 @@ def test_default_render(helm: Helm) -> None:
 
     policy = _one(objs, "ValidatingAdmissionPolicy")
     condition = policy["spec"]["matchConditions"][0]["expression"]
-    assert condition.strip() == 'request.userInfo.username == "system:serviceaccount:gpu-system:rel-gpu-dra-kubelet-plugin"'
+    assert (
+        condition.strip()
+        == 'request.userInfo.username == "system:serviceaccount:gpu-system:rel-gpu-dra-kubelet-plugin"'
+    )
     assert _one(objs, "ValidatingAdmissionPolicyBinding")["spec"]["policyName"] == policy["metadata"]["name"]
 
     gpu = _one(objs, "DeviceClass", "gpu.nvidia.com")
@@ -305,8 +315,9 @@ def test_non_default_render(helm: Helm) -> None:
     objs = helm.template("rel", "gpu-system", VARIANTS["bring-your-own-sa-and-rbac"])
     assert _kinds(objs) == {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "DaemonSet"}
     assert _one(objs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
-    assert "system:serviceaccount:gpu-system:existing-sa" in (
-        _one(objs, "ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"]
+    assert (
+        "system:serviceaccount:gpu-system:existing-sa"
+        in (_one(objs, "ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"])
     )
 
 
@@ -354,6 +365,10 @@ def _wait(what: str, probe: Callable[[], bool], timeout_s: float = WAIT_S) -> No
         time.sleep(0.1)
 
 
+def _gone(read: Callable[[], Any]) -> bool:
+    return not _exists(read)
+
+
 def _exists(read: Callable[[], Any]) -> bool:
     try:
         read()
@@ -384,9 +399,11 @@ def installed(helm: Helm) -> Iterator[Installed]:
 
 
 def _readers(kube_client: kclient.ApiClient, inst: Installed) -> dict[str, Callable[[], Any]]:
-    core, rbac = kclient.CoreV1Api(kube_client), kclient.RbacAuthorizationV1Api(kube_client)
-    apps, adm = kclient.AppsV1Api(kube_client), kclient.AdmissionregistrationV1Api(kube_client)
-    res = kclient.ResourceV1Api(kube_client)
+    core: Any = kclient.CoreV1Api(kube_client)
+    rbac: Any = kclient.RbacAuthorizationV1Api(kube_client)
+    apps: Any = kclient.AppsV1Api(kube_client)
+    adm: Any = kclient.AdmissionregistrationV1Api(kube_client)
+    res: Any = kclient.ResourceV1Api(kube_client)
     readers: dict[str, Callable[[], Any]] = {}
     for obj in inst.objects:
         name, kind = obj["metadata"]["name"], obj["kind"]
@@ -395,7 +412,9 @@ def _readers(kube_client: kclient.ApiClient, inst: Installed) -> dict[str, Calla
             "ClusterRole": lambda n=name: rbac.read_cluster_role(n),
             "ClusterRoleBinding": lambda n=name: rbac.read_cluster_role_binding(n),
             "ValidatingAdmissionPolicy": lambda n=name: adm.read_validating_admission_policy(n),
-            "ValidatingAdmissionPolicyBinding": lambda n=name: adm.read_validating_admission_policy_binding(n),
+            "ValidatingAdmissionPolicyBinding": lambda n=name: adm.read_validating_admission_policy_binding(
+                n
+            ),
             "DeviceClass": lambda n=name: res.read_device_class(n),
             "DaemonSet": lambda n=name: apps.read_namespaced_daemon_set(n, inst.namespace),
         }[kind]
@@ -408,9 +427,8 @@ def test_install_creates_every_object(kube_client: kclient.ApiClient, installed:
     assert len(readers) == 8
     for key, read in readers.items():
         assert _exists(read), f"{key} was not created by helm install"
-    ds = kclient.AppsV1Api(kube_client).read_namespaced_daemon_set(
-        "gpu-dra-kubelet-plugin", installed.namespace
-    )
+    apps: Any = kclient.AppsV1Api(kube_client)
+    ds = apps.read_namespaced_daemon_set("gpu-dra-kubelet-plugin", installed.namespace)
     assert ds.spec.update_strategy.rolling_update.max_surge == 1
     assert ds.spec.update_strategy.rolling_update.max_unavailable == 0
     assert ds.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -420,7 +438,7 @@ def test_gpu_device_class_maps_the_extended_resource(
     control_plane: ControlPlane, kube_client: kclient.ApiClient, installed: Installed
 ) -> None:
     # Raw objects: a typed client model would drop fields it does not know.
-    custom = kclient.CustomObjectsApi(kube_client)
+    custom: Any = kclient.CustomObjectsApi(kube_client)
     gpu = custom.get_cluster_custom_object("resource.k8s.io", "v1", "deviceclasses", "gpu.nvidia.com")
     mig = custom.get_cluster_custom_object("resource.k8s.io", "v1", "deviceclasses", "mig.nvidia.com")
     minor = int(control_plane.version.lstrip("v").split(".")[1])
@@ -434,7 +452,7 @@ def test_gpu_device_class_maps_the_extended_resource(
 def test_upgrade_changes_the_daemonset_and_keeps_the_rest(
     helm: Helm, kube_client: kclient.ApiClient, installed: Installed
 ) -> None:
-    apps = kclient.AppsV1Api(kube_client)
+    apps: Any = kclient.AppsV1Api(kube_client)
     before = apps.read_namespaced_daemon_set("gpu-dra-kubelet-plugin", installed.namespace)
     helm.run(
         "upgrade", installed.release, str(CHART), "--namespace", installed.namespace,
@@ -452,10 +470,12 @@ def test_upgrade_changes_the_daemonset_and_keeps_the_rest(
         assert _exists(read), f"{key} disappeared on upgrade"
 
 
-def test_uninstall_removes_every_object(helm: Helm, kube_client: kclient.ApiClient, installed: Installed) -> None:
+def test_uninstall_removes_every_object(
+    helm: Helm, kube_client: kclient.ApiClient, installed: Installed
+) -> None:
     readers = _readers(kube_client, installed)
     helm.run("uninstall", installed.release, "--namespace", installed.namespace)
     for key, read in readers.items():
-        _wait(f"{key} to be deleted by helm uninstall", lambda read=read: not _exists(read))
+        _wait(f"{key} to be deleted by helm uninstall", functools.partial(_gone, read))
     listed = helm.run("list", "--all", "-n", installed.namespace, "-o", "json").stdout
     assert json.loads(listed) == []

@@ -36,7 +36,7 @@ done_stamp() {
 
 build_k8s() {
   local ver=$1
-  local dir="$cache/k8s-$ver" key="k8s=$ver etcd=k8s-pinned script=3"
+  local dir="$cache/k8s-$ver" key="k8s=$ver etcd=k8s-pinned version-stamped script=4"
   if done_stamp "$dir" "$key"; then say "kubernetes $ver: cached in $dir/bin"; return; fi
   say "kubernetes $ver: building etcd, kube-apiserver, kube-scheduler, kube-controller-manager (cold: ~6 min on 2 cores, warm Go cache: ~1 min)"
   rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src/cmd/etcd" "$dir/bin"
@@ -86,9 +86,17 @@ GO
     local got
     got=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
     [[ $got == "$etcd_ver" ]] || { echo "etcd resolved to $got, want $etcd_ver" >&2; exit 1; }
+    # Stamp the release version as Kubernetes' own build does (hack/lib/version.sh), so /version
+    # reports v1.36.3 and not v0.0.0-master: Helm's kubeVersion check and clients read it.
+    local kminor=${ver#v1.}
+    kminor=${kminor%%.*}
+    local vflags=""
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      vflags+=" -X $pkg.gitVersion=$ver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$kminor -X $pkg.gitTreeState=clean"
+    done
     for cmd in kube-apiserver kube-scheduler kube-controller-manager; do
       say "kubernetes $ver: go build $cmd"
-      go build -ldflags='-s -w' -o "$dir/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
+      go build -ldflags="-s -w$vflags" -o "$dir/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
     done
     say "kubernetes $ver: go build etcd"
     go build -ldflags='-s -w' -o "$dir/bin/etcd" ./cmd/etcd

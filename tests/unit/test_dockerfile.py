@@ -26,7 +26,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
 PACKAGES = ("driver", "cdi", "mig", "sharing")
-COMPILER_WORDS = ("gcc", "g++", "clang", "build-essential", "make", "cmake", "python3-dev", "libc6-dev", "musl-dev")
+COMPILER_WORDS = (
+    "gcc",
+    "g++",
+    "clang",
+    "build-essential",
+    "make",
+    "cmake",
+    "python3-dev",
+    "libc6-dev",
+    "musl-dev",
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(ROOT, tree, ignore=ignore)
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            ".",
+        ],
         cwd=tree,
         capture_output=True,
         text=True,
@@ -117,7 +138,9 @@ def test_only_the_wheel_enters_the_image() -> None:
         assert instr.keyword == "COPY", f"ADD fetches or unpacks implicitly; use COPY: {instr.args}"
         if not instr.args.startswith("--from"):
             sources = instr.args.split()[:-1]
-            assert all(s.endswith(".whl") for s in sources), f"source tree copied into the image: {instr.args}"
+            assert all(s.endswith(".whl") for s in sources), (
+                f"source tree copied into the image: {instr.args}"
+            )
     final_copies = [i for i in _final_stage() if i.keyword == "COPY"]
     assert final_copies, "the final stage must copy the installed environment"
     assert all(i.args.startswith("--from=") for i in final_copies)
@@ -141,7 +164,9 @@ def test_wheel_contains_the_packages_and_their_data(wheel: Path) -> None:
     for package in PACKAGES:
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
-    topologies = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "driver/nvml/topologies").glob("*.yaml"))
+    topologies = sorted(
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "driver/nvml/topologies").glob("*.yaml")
+    )
     assert topologies, "the source tree has no fake topologies"
     assert set(topologies) <= names
     assert "driver/nvml/data/mig-profiles.yaml" in names
