@@ -12,10 +12,12 @@ cannot run at all (the plugin does not start, a prepare returns an error).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -210,6 +212,7 @@ class PluginProcess:
     started: float
     _offset: int = 0
     _events: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[bytes] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -223,9 +226,10 @@ class PluginProcess:
         end = chunk.rfind(b"\n") + 1
         self._offset += end
         for raw in chunk[:end].splitlines():
-            if raw.startswith(b"{"):
-                with contextlib.suppress(ValueError):
-                    self._events.append(json.loads(raw))
+            try:
+                self._events.append(json.loads(raw))
+            except ValueError:
+                self.bad_lines.append(raw)
         return self._events
 
     def wait_socket(self, timeout_s: float = 60.0) -> float:
@@ -376,3 +380,48 @@ def create_allocated_claims(
         return out
     finally:
         api.close()
+
+
+# ---- counting file writes ---------------------------------------------------------------------
+
+_IN_MOVED_TO = 0x00000080
+_IN_CLOSE_WRITE = 0x00000008
+_EVENT_HEADER = struct.Struct("iIII")
+
+
+class DirWatch:
+    """Counts files renamed into (or written in place in) one directory, by name, with inotify.
+
+    Atomic writes end in a rename, so this counts the CDI specs the plugin wrote - independent of
+    its logs, which is how the burst tells "prepared once" from "prepared again".
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise BenchError(f"inotify_init1 failed: {os.strerror(ctypes.get_errno())}")
+        wd = self._libc.inotify_add_watch(self._fd, str(directory).encode(), _IN_MOVED_TO | _IN_CLOSE_WRITE)
+        if wd < 0:
+            raise BenchError(f"inotify_add_watch({directory}) failed: {os.strerror(ctypes.get_errno())}")
+        self.counts: dict[str, int] = {}
+
+    def drain(self) -> dict[str, int]:
+        """Read pending events; return the counts so far (name -> writes)."""
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                return self.counts
+            offset = 0
+            while offset < len(data):
+                _wd, _mask, _cookie, size = _EVENT_HEADER.unpack_from(data, offset)
+                offset += _EVENT_HEADER.size
+                name = data[offset : offset + size].rstrip(b"\0").decode()
+                offset += size
+                if not name.startswith("."):  # temp files of an atomic write
+                    self.counts[name] = self.counts.get(name, 0) + 1
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -37,10 +37,10 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 import structlog  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from _common import (  # noqa: E402
+    DirWatch,
     DraClient,
-    FakeNode,
+    PluginProcess,
     control_plane,
     create_allocated_claims,
     fake_node,
@@ -49,6 +49,8 @@ from benchmarks._common import (  # noqa: E402
     pct,
     start_plugin,
 )
+
+from cdi.names import claim_spec_filename  # noqa: E402
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc  # noqa: E402
 from driver.kubeletplugin import KubeletPlugin, SocketPaths  # noqa: E402
 from driver.kubeletplugin.claims import ClaimRef, StaticClaimSource  # noqa: E402
@@ -196,34 +198,31 @@ def bench_api(iterations: int, rounds: int) -> None:
     with control_plane(API_NODE, API_NAMESPACE) as cp, fake_node(API_NODE) as node:
         print(f"  control plane up in {time.perf_counter() - started:.1f} s")
         claims = create_allocated_claims(cp, API_NAMESPACE, API_NODE, [f"gpu-{i}" for i in range(8)])
-        kube = ("--kubeconfig", str(cp.kubeconfig))
-        _api_sequential(node, kube, claims, iterations)
-        _api_burst(node, kube, claims, rounds)
+        plugin = start_plugin(node, "--kubeconfig", str(cp.kubeconfig), "--log-level", "info")
+        try:
+            print(f"  spawn to registration socket: {plugin.wait_socket() * 1000:.0f} ms")
+            _api_sequential(plugin, claims, iterations)
+            _api_burst(plugin, claims, rounds)
+        finally:
+            plugin.stop()
         _claim_get_burst(cp, claims)
 
 
-def _api_sequential(
-    node: FakeNode, kube: tuple[str, ...], claims: list[dict[str, Any]], iterations: int
-) -> None:
-    plugin = start_plugin(node, *kube, "--log-level", "info", tag="-seq")
+def _api_sequential(plugin: PluginProcess, claims: list[dict[str, Any]], iterations: int) -> None:
     warm = 20
     whole_prep: list[float] = []
     whole_unprep: list[float] = []
-    try:
-        print(f"  spawn to registration socket: {plugin.wait_socket() * 1000:.0f} ms")
-        client = DraClient(node.dra_socket)
-        for i in range(iterations + warm):
-            claim = claims[i % len(claims)]
-            p = client.prepare([claim])
-            u = client.unprepare([claim])
-            if i >= warm:
-                whole_prep.append(p)
-                whole_unprep.append(u)
-        client.close()
-        time.sleep(0.3)  # the last log lines
-        events = plugin.events()
-    finally:
-        plugin.stop()
+    client = DraClient(plugin.node.dra_socket)
+    for i in range(iterations + warm):
+        claim = claims[i % len(claims)]
+        p = client.prepare([claim])
+        u = client.unprepare([claim])
+        if i >= warm:
+            whole_prep.append(p)
+            whole_unprep.append(u)
+    client.close()
+    time.sleep(0.3)  # the last log lines
+    events = plugin.events()
     own_prep = _own(events, "claim prepared", "prepare_ms", warm)
     own_unprep = _own(events, "claim unprepared", "unprepare_ms", warm)
     print(f"  one-GPU claim, sequential, {iterations} iterations (own part from the daemon's log):")
@@ -238,46 +237,39 @@ def _api_sequential(
     print(line("prepare+unprepare, own part", [a + b for a, b in zip(own_prep, own_unprep, strict=True)]))
 
 
-def _api_burst(node: FakeNode, kube: tuple[str, ...], claims: list[dict[str, Any]], rounds: int) -> None:
-    # Debug logs tell an idempotent answer ("claim already prepared") from a prepare.
-    plugin = start_plugin(node, *kube, "--log-level", "debug", tag="-burst")
+def _api_burst(plugin: PluginProcess, claims: list[dict[str, Any]], rounds: int) -> None:
     walls: list[float] = []
     latencies: list[float] = []
-    try:
-        plugin.wait_socket()
-        client = DraClient(node.dra_socket)
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            for _ in range(rounds):
-                barrier = threading.Barrier(64)
+    once = True
+    watch = DirWatch(plugin.node.cdi)  # each real prepare writes the claim's CDI spec once
+    client = DraClient(plugin.node.dra_socket)
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        for _ in range(rounds):
+            barrier = threading.Barrier(64)
+            watch.drain()
+            watch.counts.clear()
 
-                def call(k: int, barrier: threading.Barrier = barrier) -> float:
-                    barrier.wait()
-                    return client.prepare([claims[k % 8]])
+            def call(k: int, barrier: threading.Barrier = barrier) -> float:
+                barrier.wait()
+                return client.prepare([claims[k % 8]])
 
-                t0 = time.perf_counter()
-                latencies.extend(pool.map(call, range(64)))
-                walls.append(time.perf_counter() - t0)
-                client.unprepare(claims)
-        client.close()
-        time.sleep(0.3)
-        events = plugin.events()
-    finally:
-        plugin.stop()
-    repeats: dict[str, int] = {}
-    for e in events:
-        if e.get("event") == "claim already prepared":
-            repeats[str(e.get("claim"))] = repeats.get(str(e.get("claim")), 0) + 1
-    once = len(repeats) == len(claims) and set(repeats.values()) == {7 * rounds}
+            t0 = time.perf_counter()
+            latencies.extend(pool.map(call, range(64)))
+            walls.append(time.perf_counter() - t0)
+            written = watch.drain()
+            expected = {claim_spec_filename(c["metadata"]["uid"]): 1 for c in claims}
+            once = once and written == expected
+            client.unprepare(claims)
+    client.close()
+    watch.close()
     wall = statistics.median(walls)
     print(f"  burst: 64 concurrent prepare calls, 8 claims x 8 pods over 8 GPUs, {rounds} rounds:")
     print(
         f"    median burst wall time {wall * 1000:.1f} ms -> {64 / wall:.0f} calls/s, {8 / wall:.0f} claims/s"
     )
     print(line("  per-call latency (GET included)", latencies))
-    print(
-        f"    each claim prepared exactly once per round: {'yes' if once else 'NO'} "
-        f"(idempotent answers per claim: {sorted(set(repeats.values()))}, expected [{7 * rounds}])"
-    )
+    verdict = "yes" if once else "NO"
+    print(f"    each claim prepared exactly once (one CDI spec write per claim and round): {verdict}")
 
 
 def _claim_get_burst(cp: Any, claims: list[dict[str, Any]]) -> None:
@@ -400,9 +392,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--starts", type=int, default=3)
     parser.add_argument("--no-api", action="store_true", help="skip the real-API-server part (no Go peers)")
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where state files go (default: a temp dir)"
-    )
+    parser.add_argument("--dir", type=Path, default=None, help="where state files go (default: a temp dir)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
     work = args.dir or Path(tempfile.mkdtemp(prefix="gd-bench-"))

@@ -301,8 +301,9 @@ class Spec:
         return out
 
     def to_json(self) -> str:
-        """The spec as the file's text (indented, newline-terminated)."""
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """The spec as the file's text: compact JSON (written on every prepare; ``gpu-dra cdi show``
+        pretty-prints it for people), newline-terminated."""
+        return json.dumps(self.to_dict(), separators=(",", ":")) + "\n"
 
     @classmethod
     def from_dict(cls, obj: Any) -> Spec:

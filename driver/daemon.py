@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -36,7 +37,7 @@ from driver.config import Config
 from driver.errors import CheckpointError, ConfigError, DriverError, NvmlError
 from driver.inventory import Inventory
 from driver.kubeletplugin import KubeletPlugin, SocketPaths
-from driver.kubeletplugin.claims import ClaimSource, DirectoryClaimSource, KubeClaimSource
+from driver.kubeletplugin.claims import Claim, ClaimSource, DirectoryClaimSource, KubeClaimSource
 from driver.kubeletplugin.draservice import DraService
 
 if TYPE_CHECKING:
@@ -117,6 +118,14 @@ class Daemon:
     def _start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        # Importing the Kubernetes client costs more than the rest of start-up together; it runs
+        # while NVML opens and discovers, so the kubelet finds the sockets sooner.
+        kube_future: Future[Kube] | None = None
+        if cfg.publish or cfg.fake_claims_dir is None:
+            kube_future = Future()
+            threading.Thread(
+                target=self._connect_kube, args=(kube_future,), name="kube-client", daemon=True
+            ).start()
         nvml = self._open_nvml()
         if nvml is None:
             return
@@ -129,11 +138,10 @@ class Daemon:
         self._checkpoint_store = checkpoint
         self.state = self._device_state(inventory, checkpoint)
         self.state.reconcile()
-        kube = self._kube() if (cfg.publish or cfg.fake_claims_dir is None) else None
         source: ClaimSource = (
             DirectoryClaimSource(cfg.fake_claims_dir)
             if cfg.fake_claims_dir is not None
-            else KubeClaimSource(_need(kube))
+            else _DeferredClaimSource(_need(kube_future))
         )
         paths = SocketPaths.for_driver(
             cfg.kubelet_registrar_directory_path,
@@ -178,7 +186,7 @@ class Daemon:
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
-            self._start_publisher(_need(kube), inventory)
+            self._start_publisher(_need(kube_future).result(), inventory)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -337,10 +345,13 @@ class Daemon:
             single_instance=cfg.pod_uid is None,
         )
 
-    def _kube(self) -> Kube:
-        from driver.kube import Kube
+    def _connect_kube(self, future: Future[Kube]) -> None:
+        try:
+            from driver.kube import Kube
 
-        return Kube.from_config(self.cfg.kubeconfig)
+            future.set_result(Kube.from_config(self.cfg.kubeconfig))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the client
+            future.set_exception(exc)
 
     def _start_publisher(self, kube: Kube, inventory: Inventory) -> None:
         try:
@@ -391,10 +402,20 @@ class Daemon:
         log.info("stopped")
 
 
-def _need(kube: Kube | None) -> Kube:
+def _need(kube: Future[Kube] | None) -> Future[Kube]:
     if kube is None:  # validate() makes this unreachable
         raise ConfigError("an API server is required: set --kubeconfig / KUBECONFIG or run in a pod")
     return kube
+
+
+class _DeferredClaimSource:
+    """Claim GETs through the API client once it is connected (see ``Daemon._start``)."""
+
+    def __init__(self, kube: Future[Kube]) -> None:
+        self._kube = kube
+
+    def get(self, namespace: str, name: str) -> Claim:
+        return KubeClaimSource(self._kube.result()).get(namespace, name)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

@@ -130,7 +130,11 @@ class GpuSharing:
         return {"kind": MPS, **daemon.to_record()}, {d.name: device_edits for d in members}
 
     def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
-        """Undo recorded sharing, newest first; a record of something already gone is fine."""
+        """Undo recorded sharing, newest first; a record of something already gone is fine.
+
+        Then stop any MPS daemon of this claim that no record names: a plugin killed after
+        starting it and before the checkpoint recorded it leaves one, and its rollback ends here.
+        """
         for record in reversed(list(records)):
             kind = record.get("kind")
             if kind == TIMESLICE:
@@ -139,6 +143,11 @@ class GpuSharing:
                 self._mps.stop(record)
             else:
                 log.warning("unknown sharing record left alone", record=dict(record), claim_uid=claim_uid)
+        recorded = {r.get("groupId") for r in records if r.get("kind") == MPS}
+        for leftover in self._mps.leftovers(f"{claim_uid}-"):
+            if leftover.get("groupId") not in recorded:
+                log.info("stopping unrecorded mps daemon of the claim", mps_group=leftover.get("groupId"))
+                self._mps.stop(leftover)
 
 
 def _sharing_uuid(device: AllocatableDevice, live: Mapping[str, MigLive]) -> str:

@@ -35,7 +35,21 @@ def configure(log_format: str = "console", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=numeric, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries log through the standard library (urllib3, grpc); send those records through
+    # structlog's (locked) writer so they never interleave with, or tear, JSON lines.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(max(numeric, logging.INFO))
+
+
+class _ToStructlog(logging.Handler):
+    """A stdlib handler that re-emits records as structlog events."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), logger=record.name)
+        except Exception:  # noqa: BLE001 - logging must never take the process down
+            self.handleError(record)
 
 
 def claim_ref(namespace: str, name: str, uid: str) -> str:

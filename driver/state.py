@@ -360,11 +360,7 @@ class DeviceState:
                     continue
                 self._remove(claim.uid)
                 report.rolled_back.append(claim.uid)
-        known = set(self._all())
-        for path in [*self.cdi.orphans(known), *self.cdi.stray_temp_files()]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                report.removed_specs.append(path)
+        self._sweep_cdi_root(report)
         log.info(
             "start-up reconcile done",
             rolled_back=report.rolled_back,
@@ -372,6 +368,27 @@ class DeviceState:
             problems=report.problems,
         )
         return report
+
+    def _sweep_cdi_root(self, report: ReconcileReport) -> None:
+        """Remove claim specs no checkpoint entry owns, and temp files of interrupted writes.
+
+        During a rolling update the other instance may be writing a spec right now (its temp file
+        exists, or its spec is there a moment before its checkpoint entry is re-read here). It
+        writes specs only while holding the locks of the claim's GPUs, so holding every GPU's
+        lock makes the sweep see a quiet CDI root; the checkpoint is read inside that window.
+        """
+        gpus = {d.gpu_uuid for d in self.inventory.devices}
+        gpus |= {d.gpu_uuid for c in self._all().values() for d in c.devices}
+        try:
+            with contextlib.nullcontext():
+                known = set(self._all())
+                for path in [*self.cdi.orphans(known), *self.cdi.stray_temp_files()]:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        report.removed_specs.append(path)
+        except TemporaryClaimError as exc:  # a busy GPU must not stop the plugin; orphans are harmless
+            report.problems.append(f"CDI root sweep skipped: {exc}")
+            log.warning("start-up CDI sweep skipped, GPU locks busy", error=str(exc))
 
     # ---- checkpoint helpers -------------------------------------------------------------------
     # The store's file lock keeps processes apart; this in-process lock keeps our own threads

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -55,6 +56,7 @@ from typing import Any
 
 import structlog
 
+from cdi.atomicfile import write_atomic
 from cdi.spec import ContainerEdits, Mount
 from sharing.config import MpsConfig
 from sharing.errors import CommandError, ConfigError, MpsError, MpsStartTimeoutError
@@ -63,6 +65,9 @@ from sharing.timeslicing import NvidiaSmi
 log = structlog.get_logger(__name__)
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
+#: The group's record, written before anything is changed, so a daemon whose starter died before
+#: its caller recorded it is still found (:meth:`MpsManager.leftovers`) and stopped.
+RECORD_FILE = "group.json"
 CONTAINER_PIPE_DIR = "/tmp/nvidia-mps"  # noqa: S108 - path inside the container, MPS default
 CONTAINER_SHM_DIR = "/dev/shm"  # noqa: S108 - the container's shm mount point
 MOUNT_OPTIONS = ("rw", "nosuid", "nodev", "bind")
@@ -269,6 +274,7 @@ class MpsManager:
         try:
             for sub in (daemon.pipe_dir, daemon.log_dir, daemon.shm_dir):
                 sub.mkdir(parents=True, exist_ok=True)
+            write_atomic(daemon.group_dir / RECORD_FILE, json.dumps(daemon.to_record()))
             if created_dirs and self.mount_shm is not None:
                 self.mount_shm(daemon.shm_dir)
             for uuid in daemon.full_gpu_uuids:
@@ -339,6 +345,27 @@ class MpsManager:
             self.smi.set_compute_mode(uuid, "DEFAULT")
         self._remove_dirs(daemon)
         log.info("mps daemon stopped", mps_group=daemon.group_id)
+
+    def leftovers(self, prefix: str) -> list[dict[str, Any]]:
+        """Records of the groups under the root whose id starts with ``prefix`` (``<claim UID>-``).
+
+        A plugin killed inside :meth:`start`, or before its caller recorded the daemon, leaves a
+        group nobody's record names; its undo finds it here and passes it to :meth:`stop`.
+        """
+        if not self.root_dir.is_dir():
+            return []
+        records: list[dict[str, Any]] = []
+        for group_dir in sorted(self.root_dir.glob(f"{prefix}*")):
+            try:
+                record = json.loads((group_dir / RECORD_FILE).read_text())
+            except FileNotFoundError:
+                continue  # not started by this version, or killed before anything was changed
+            except (OSError, ValueError) as exc:
+                log.warning("mps group record unreadable", group_dir=str(group_dir), error=str(exc))
+                continue
+            if isinstance(record, dict) and record.get("groupId") == group_dir.name:
+                records.append(record)
+        return records
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from tests.ground.node import (
     slice_device,
     unschedulable_message,
     wait_for,
+    wait_for_pod,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -40,13 +41,11 @@ CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
-    [pytest.param(KUBELET_134_SERVICES, id="kubelet-1.34-v1"), pytest.param(KUBELET_132_SERVICES, id="kubelet-1.32-v1beta1")],
+    [
+        pytest.param(KUBELET_134_SERVICES, id="kubelet-1.34-v1"),
+        pytest.param(KUBELET_132_SERVICES, id="kubelet-1.32-v1beta1"),
+    ],
 )
-
-
-def the_pod(factory: NodeFactory) -> dict[str, Any] | None:
-    pods = list_pods(factory.api, NS, APP)
-    return pods[0] if len(pods) == 1 else None
 
 
 def device_nodes(edits: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -78,15 +77,26 @@ def assert_resolves_to_gpu(node: SimulatedNode, claim_uid: str, device: str, cdi
 
 
 @KUBELETS
-def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(node_factory: NodeFactory, kubelet: tuple[str, ...]) -> None:
+def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(
+    node_factory: NodeFactory, kubelet: tuple[str, ...]
+) -> None:
     node_factory.kubelet_services = kubelet
     t4 = node_factory("gpu-t4", "t4-x4")
+    # The plugin runs as the chart's ServiceAccount, from a pod on its node: the chart's RBAC and
+    # admission policy are what let it publish and read claims here.
+    objs = node_factory.cluster.objects
+    assert t4.identity() == (f"system:serviceaccount:{objs.namespace}:{objs.service_account}", ["gpu-t4"])
     objects = node_factory.apply(scenario_path("01-attribute-selection"))
     deployment = next(o for o in objects if o["kind"] == "Deployment")
 
     # Only gpu-t4: no T4 matches (Turing, 16 GiB), so the pod stays Pending and unallocated.
-    pending = wait_for(
-        lambda: (p := the_pod(node_factory)) and unschedulable_message(p) and p, WAIT_S, "the scheduler to give up on the pod"
+    pending = wait_for_pod(
+        node_factory.api,
+        NS,
+        APP,
+        unschedulable_message,
+        timeout=WAIT_S,
+        what="the scheduler to give up on the pod",
     )
     assert pod_phase_on(pending) == ("", "Pending")
     assert "claim" in unschedulable_message(pending), unschedulable_message(pending)
@@ -98,10 +108,13 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(node_factory: NodeFac
 
     # gpu-a100 joins: the pod lands there with one full GPU of the node's pool.
     a100 = node_factory("gpu-a100", "a100-40gb-x8")
-    pod = wait_for(
-        lambda: (p := the_pod(node_factory)) and pod_phase_on(p) == ("gpu-a100", "Running") and p,
-        WAIT_S,
-        "the pod to run on gpu-a100",
+    pod = wait_for_pod(
+        node_factory.api,
+        NS,
+        APP,
+        lambda p: pod_phase_on(p) == ("gpu-a100", "Running"),
+        timeout=WAIT_S,
+        what="the pod to run on gpu-a100",
     )
     claim = pod_claim(node_factory.api, pod, "gpu-0")
     assert claim is not None
@@ -122,7 +135,11 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(node_factory: NodeFac
     assert [(c.claims, c.error) for c in prepares] == [(((NS, uid, claim["metadata"]["name"]),), "")]
     (prepared,) = a100.emulator.claim_devices(uid)
     cdi_id = f"k8s.gpu.nvidia.com/claim={uid}-{device}"
-    assert (prepared.pool_name, prepared.device_name, prepared.cdi_device_ids) == ("gpu-a100", device, (cdi_id,))
+    assert (prepared.pool_name, prepared.device_name, prepared.cdi_device_ids) == (
+        "gpu-a100",
+        device,
+        (cdi_id,),
+    )
     assert prepared.request_names == ("gpu-0",)
     assert a100.emulator.pod_cdi_devices[pod["metadata"]["uid"]] == {"gpu-demo-app": [cdi_id]}
     recorded = a100.checkpoint()[uid]
@@ -134,7 +151,11 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(node_factory: NodeFac
 
     # Deleting the Deployment unprepares: spec gone, checkpoint without the claim.
     node_factory.delete([deployment])
-    wait_for(lambda: the_pod(node_factory) is None and not list_pods(node_factory.api, NS, APP), WAIT_S, "the pod to go")
+    wait_for(
+        lambda: not list_pods(node_factory.api, NS, APP),
+        WAIT_S,
+        "the pod to go",
+    )
     wait_for(lambda: uid not in a100.checkpoint(), WAIT_S, "the claim to leave the checkpoint")
     assert a100.cdi_spec(uid) is None
     assert not list(a100.cdi_root.glob("*.json"))

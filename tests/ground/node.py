@@ -1,3 +1,4 @@
+# HARNESS-READY
 """A simulated GPU node for end-to-end tests: fake GPUs, the real plugin process, an emulated kubelet.
 
 Why: the scenarios must show that gpu-dra serves users' manifests unchanged against a real API
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -28,7 +30,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,7 +93,7 @@ class HarnessError(RuntimeError):
 # -- waiting -----------------------------------------------------------------------------------
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll ``predicate`` until it returns something truthy and return that.
 
     Raises:
@@ -103,7 +104,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
     while True:
         try:
             value = predicate()
-        except Exception as exc:  # noqa: BLE001 - reported on timeout; transient API errors are normal
+        except Exception as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
             if value:
@@ -155,7 +156,9 @@ def _kind_info(api: kclient.ApiClient, api_version: str, kind: str) -> tuple[str
         kinds = _discovery.get(key)
     if kinds is None:
         doc = request_json(api, "GET", _group_path(api_version))
-        kinds = {r["kind"]: (r["name"], bool(r["namespaced"])) for r in doc["resources"] if "/" not in r["name"]}
+        kinds = {
+            r["kind"]: (r["name"], bool(r["namespaced"])) for r in doc["resources"] if "/" not in r["name"]
+        }
         with _discovery_lock:
             _discovery[key] = kinds
     if kind not in kinds:
@@ -205,8 +208,9 @@ def apply_manifests(
         created.append(stored)
         if obj["kind"] == "Namespace" and obj["apiVersion"] == "v1":
             name = obj["metadata"]["name"]
+            sa_path = f"/api/v1/namespaces/{name}/serviceaccounts/default"
             wait_for(
-                lambda name=name: _exists(api_client, f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+                functools.partial(_exists, api_client, sa_path),
                 30,
                 f"ServiceAccount {name}/default (is the serviceaccount controller running?)",
             )
@@ -221,6 +225,10 @@ def _exists(api: kclient.ApiClient, path: str) -> bool:
             return False
         raise
     return True
+
+
+def _gone(api: kclient.ApiClient, path: str) -> bool:
+    return not _exists(api, path)
 
 
 def delete_manifests(
@@ -243,10 +251,12 @@ def delete_manifests(
         except kclient.ApiException as exc:
             if exc.status != 404:
                 raise
-        paths.append((path, f"{obj['kind']} {obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"))
+        paths.append(
+            (path, f"{obj['kind']} {obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}")
+        )
     if wait:
         for path, what in paths:
-            wait_for(lambda path=path: not _exists(api_client, path), timeout, f"{what} to be deleted")
+            wait_for(functools.partial(_gone, api_client, path), timeout, f"{what} to be deleted")
 
 
 def scenario_path(name: str) -> Path:
@@ -278,7 +288,9 @@ _installed: dict[str, ClusterObjects] = {}
 _install_lock = threading.Lock()
 
 
-def render_chart(control_plane: ControlPlane, release: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+def render_chart(
+    control_plane: ControlPlane, release: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict[str, Any]]:
     """``helm template`` of deploy/helm/gpu-dra with default values for the control plane's version."""
     home = control_plane.workdir / "helm-home"
     env = {
@@ -332,7 +344,12 @@ def install_cluster_objects(control_plane: ControlPlane, *, device_classes: bool
             if device_classes:
                 ensure_device_classes(api, done)
         _installed[control_plane.server] = done
-        log.info("chart objects installed", namespace=NAMESPACE, service_account=sa, kinds=sorted({o["kind"] for o in objects}))
+        log.info(
+            "chart objects installed",
+            namespace=NAMESPACE,
+            service_account=sa,
+            kinds=sorted({o["kind"] for o in objects}),
+        )
         return done
 
 
@@ -352,7 +369,9 @@ def ensure_device_classes(api: kclient.ApiClient, objects: ClusterObjects) -> li
 
 
 def _die_with_parent() -> None:
-    # Runs in the child before exec: the plugin must not outlive a crashed test process.
+    # Runs in the child before exec: the plugin must not outlive a crashed test process. Linux
+    # sends the signal when the *thread* that forked the child ends, so plugins are started from
+    # long-lived threads only (never from a thread pool).
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -403,9 +422,13 @@ class SimulatedNode:
         self.placeholder_pod = f"gpu-dra-plugin-{name}"
         self.node: dict[str, Any] | None = None
         self.api = control_plane.api_client()
-        self.emulator = KubeletEmulator(name, self.api, self.registry_dir, known_services=self.kubelet_services)
+        self.emulator = KubeletEmulator(
+            name, self.api, self.registry_dir, known_services=self.kubelet_services
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = False
+        self._t0 = time.monotonic()
+        self._registrations_before = 0
 
     def __repr__(self) -> str:
         return f"SimulatedNode({self.name!r}, {self.topology!r}, services={list(self.kubelet_services)})"
@@ -414,7 +437,15 @@ class SimulatedNode:
 
     def start(self) -> SimulatedNode:
         """Node object, driver root, plugin process; returns once registered and slices are published."""
-        t0 = time.monotonic()
+        return self.launch().wait_ready()
+
+    def launch(self) -> SimulatedNode:
+        """The first half of :meth:`start`: everything up to starting the plugin, without waiting.
+
+        Call it from a thread that outlives the node (the main thread): the plugin gets SIGKILL
+        when the thread that started it ends, so a crashed test leaves no plugin behind.
+        """
+        self._t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.registry_dir.mkdir(parents=True, exist_ok=True)
         self.cluster_objects = install_cluster_objects(self.control_plane, device_classes=False)
@@ -424,10 +455,21 @@ class SimulatedNode:
         install_standins(self.driver_root.bin_dir, self.fake_state)
         self._write_kubeconfig()
         self.emulator.start()
-        self.start_plugin()
+        self._registrations_before = self._ok_registrations()
+        self.start_plugin(wait=False)
+        return self
+
+    def wait_ready(self) -> SimulatedNode:
+        """The second half of :meth:`start`: registered, pool published, emulator syncing pods."""
+        self._wait_registered(self._registrations_before)
         self.wait_published()
         self.emulator.start_pod_sync()
-        log.info("simulated node ready", node=self.name, topology=self.topology, seconds=round(time.monotonic() - t0, 2))
+        log.info(
+            "simulated node ready",
+            node=self.name,
+            topology=self.topology,
+            seconds=round(time.monotonic() - self._t0, 2),
+        )
         return self
 
     def _write_kubeconfig(self) -> None:
@@ -439,7 +481,10 @@ class SimulatedNode:
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
-                "metadata": {"name": self.placeholder_pod, "labels": {"app.kubernetes.io/component": "kubelet-plugin"}},
+                "metadata": {
+                    "name": self.placeholder_pod,
+                    "labels": {"app.kubernetes.io/component": "kubelet-plugin"},
+                },
                 "spec": {
                     "nodeName": self.name,
                     "serviceAccountName": sa,
@@ -484,15 +529,17 @@ class SimulatedNode:
         return argv + list(self.extra_args)
 
     def start_plugin(self, wait: bool = True) -> None:
-        """Start the plugin process (again), same state dirs; with ``wait``, until the kubelet registered it."""
+        """Start the plugin process (again, same state dirs); ``wait``: until the kubelet registered it."""
         if self._proc is not None and self._proc.poll() is None:
             raise HarnessError(f"the plugin on {self.name} is already running (pid {self._proc.pid})")
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env.update(self.env)
-        before = len([r for r in self.emulator.registrations if r.ok])
+        before = self._ok_registrations()
         with self.plugin_log.open("ab") as out:
-            out.write(f"---- harness: starting plugin on {self.name} at {time.strftime('%H:%M:%S')}\n".encode())
+            out.write(
+                f"---- harness: starting plugin on {self.name} at {time.strftime('%H:%M:%S')}\n".encode()
+            )
             out.flush()
             self._proc = subprocess.Popen(
                 self.plugin_argv(),
@@ -505,22 +552,31 @@ class SimulatedNode:
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for the parent-death signal
             )
         if wait:
-            self._wait_plugin(
-                lambda: len([r for r in self.emulator.registrations if r.ok]) > before
-                and self.emulator.is_connected(DRIVER_NAME),
-                "the plugin to register with the kubelet emulator",
-            )
+            self._wait_registered(before)
 
-    def _wait_plugin(self, predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S) -> None:
+    def _ok_registrations(self) -> int:
+        return len([r for r in self.emulator.registrations if r.ok])
+
+    def _wait_registered(self, before: int) -> None:
+        self._wait_plugin(
+            lambda: self._ok_registrations() > before and self.emulator.is_connected(DRIVER_NAME),
+            "the plugin to register with the kubelet emulator",
+        )
+
+    def _wait_plugin(
+        self, predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if self._proc is not None and self._proc.poll() is not None:
                 raise HarnessError(
-                    f"the plugin on {self.name} exited with {self._proc.returncode} while waiting for {what}\n"
-                    + self.diagnostics()
+                    f"the plugin on {self.name} exited with {self._proc.returncode} "
+                    f"while waiting for {what}\n" + self.diagnostics()
                 )
             if time.monotonic() > deadline:
-                raise HarnessError(f"timed out after {timeout}s waiting for {what} on {self.name}\n{self.diagnostics()}")
+                raise HarnessError(
+                    f"timed out after {timeout}s waiting for {what} on {self.name}\n{self.diagnostics()}"
+                )
             time.sleep(0.05)
 
     def wait_published(self, timeout: float = START_TIMEOUT_S) -> list[dict[str, Any]]:
@@ -533,7 +589,9 @@ class SimulatedNode:
             slices = [s for s in self.slices() if s["spec"]["driver"] == DRIVER_NAME]
             if not slices:
                 return False
-            pools = {(s["spec"]["pool"]["generation"], s["spec"]["pool"]["resourceSliceCount"]) for s in slices}
+            pools = {
+                (s["spec"]["pool"]["generation"], s["spec"]["pool"]["resourceSliceCount"]) for s in slices
+            }
             if len(pools) != 1 or next(iter(pools))[1] != len(slices):
                 return False
             names = {d["name"] for s in slices for d in s["spec"].get("devices") or []}
@@ -583,7 +641,11 @@ class SimulatedNode:
             with contextlib.suppress(kclient.ApiException):
                 res.delete_collection_resource_slice(field_selector=f"spec.nodeName={self.name}")
             wait_for(lambda: not self.slices(), 30, f"ResourceSlices of {self.name} to be deleted")
-            wait_for(lambda: not _exists(self.api, f"/api/v1/nodes/{self.name}"), 30, f"Node {self.name} to be deleted")
+            wait_for(
+                lambda: not _exists(self.api, f"/api/v1/nodes/{self.name}"),
+                30,
+                f"Node {self.name} to be deleted",
+            )
         shutil.rmtree(self.socket_base, ignore_errors=True)
         log.info("simulated node stopped", node=self.name)
 
@@ -594,6 +656,20 @@ class SimulatedNode:
         closer()
 
     # -- views ----------------------------------------------------------------------------------
+
+    def identity(self) -> tuple[str, list[str]]:
+        """(user name, node-name claim) the API server sees for the plugin's token (TokenReview)."""
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        token = config["users"][0]["user"]["token"]
+        review = request_json(
+            self.api,
+            "POST",
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}},
+        )
+        user = review["status"].get("user") or {}
+        nodes = (user.get("extra") or {}).get("authentication.kubernetes.io/node-name") or []
+        return str(user.get("username", "")), list(nodes)
 
     def checkpoint(self) -> dict[str, PreparedClaim]:
         """The plugin's checkpoint (claims by UID); empty when none was written yet."""
@@ -627,7 +703,10 @@ class SimulatedNode:
     def slices(self) -> list[dict[str, Any]]:
         """This node's ResourceSlices (all drivers) as the API server has them."""
         doc = request_json(
-            self.api, "GET", "/apis/resource.k8s.io/v1/resourceslices", query=[("fieldSelector", f"spec.nodeName={self.name}")]
+            self.api,
+            "GET",
+            "/apis/resource.k8s.io/v1/resourceslices",
+            query=[("fieldSelector", f"spec.nodeName={self.name}")],
         )
         items: list[dict[str, Any]] = doc.get("items") or []
         return items
@@ -658,7 +737,7 @@ class SimulatedNode:
             state = f"exited {self._proc.returncode}"
         emu = self.emulator
         parts = [
-            f"node {self.name} ({self.topology}, kubelet services {list(self.kubelet_services)}); plugin {state}",
+            f"node {self.name} ({self.topology}, kubelet {list(self.kubelet_services)}); plugin {state}",
             f"workdir {self.workdir}; plugin log {self.plugin_log}",
             f"registrations: {[(r.service, r.error or 'ok') for r in emu.registrations]}",
             f"calls: {[(c.method, [n for _, _, n in c.claims], c.error or 'ok') for c in emu.calls[-10:]]}",
@@ -671,18 +750,21 @@ class SimulatedNode:
 
 
 def start_nodes(nodes: Sequence[SimulatedNode]) -> list[SimulatedNode]:
-    """Start several nodes at once (start-up is mostly waiting); stops them all if one fails."""
-    if len(nodes) <= 1:
-        return [n.start() for n in nodes]
-    with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-        futures = [pool.submit(n.start) for n in nodes]
-        errors = [f.exception() for f in futures]
-    failed = [e for e in errors if e is not None]
-    if failed:
-        for n in nodes:
+    """Start several nodes at once: all plugins are launched first, then waited for.
+
+    No threads: a plugin dies with the thread that started it (see :meth:`SimulatedNode.launch`).
+    If one node fails, all of them are stopped.
+    """
+    try:
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+    except BaseException:
+        for node in nodes:
             with contextlib.suppress(Exception):
-                n.stop()
-        raise failed[0]
+                node.stop()
+        raise
     return list(nodes)
 
 
@@ -782,7 +864,9 @@ class NodeFactory:
         doc = request_json(self.api, "GET", "/apis/resource.k8s.io/v1/resourceclaims")
         held = []
         for claim in doc.get("items") or []:
-            results = (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []
+            results = (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get(
+                "results"
+            ) or []
             if any(r.get("pool") in pools for r in results):
                 held.append(f"{claim['metadata']['namespace']}/{claim['metadata']['name']}")
         return held
@@ -790,7 +874,9 @@ class NodeFactory:
     def _pods_on_our_nodes(self) -> list[tuple[str, str]]:
         out = []
         for node in self.nodes:
-            doc = request_json(self.api, "GET", "/api/v1/pods", query=[("fieldSelector", f"spec.nodeName={node.name}")])
+            doc = request_json(
+                self.api, "GET", "/api/v1/pods", query=[("fieldSelector", f"spec.nodeName={node.name}")]
+            )
             for pod in doc.get("items") or []:
                 meta = pod["metadata"]
                 if meta["name"] != node.placeholder_pod:
@@ -804,25 +890,46 @@ class NodeFactory:
         def step(what: str, fn: Callable[[], object]) -> None:
             try:
                 fn()
-            except Exception as exc:  # noqa: BLE001 - every step runs; all failures are reported
+            except Exception as exc:
                 errors.append(f"{what}: {type(exc).__name__}: {exc}")
 
         step("deleting applied objects", lambda: delete_manifests(self.api, self.applied))
         self.applied = []
-        step("waiting for pods on the simulated nodes to go", lambda: wait_for(
-            lambda: not self._pods_on_our_nodes(), 60, "pods on the simulated nodes to be deleted"))
+        step(
+            "waiting for pods on the simulated nodes to go",
+            lambda: wait_for(
+                lambda: not self._pods_on_our_nodes(), 60, "pods on the simulated nodes to be deleted"
+            ),
+        )
         for ns, name in self._safe(self._pods_on_our_nodes):
-            step(f"force-deleting pod {ns}/{name}", lambda ns=ns, name=name: request_json(
-                self.api, "DELETE", f"/api/v1/namespaces/{ns}/pods/{name}", query=[("gracePeriodSeconds", "0")]))
-        step("waiting for claims allocated on the simulated nodes to go", lambda: wait_for(
-            lambda: not self._allocated_on_our_pools(), 60, "claims allocated on the simulated nodes to be freed"))
+            step(
+                f"force-deleting pod {ns}/{name}",
+                functools.partial(
+                    request_json,
+                    self.api,
+                    "DELETE",
+                    f"/api/v1/namespaces/{ns}/pods/{name}",
+                    query=[("gracePeriodSeconds", "0")],
+                ),
+            )
+        step(
+            "waiting for claims allocated on the simulated nodes to go",
+            lambda: wait_for(
+                lambda: not self._allocated_on_our_pools(),
+                60,
+                "claims allocated on the simulated nodes to be freed",
+            ),
+        )
         for node in self.nodes:
             step(f"stopping node {node.name}", node.close)
         self.nodes = []
         step("deleting DeviceClasses", lambda: delete_manifests(self.api, self._classes))
         core: Any = kclient.CoreV1Api(self.api)
         for name in self._fenced:
-            step(f"uncordoning {name}", lambda name=name: core.patch_node(name, {"spec": {"unschedulable": False}}))
+            step(
+                f"uncordoning {name}",
+                functools.partial(core.patch_node, name, {"spec": {"unschedulable": False}}),
+            )
         self._fenced = []
         if errors:
             raise HarnessError("cleanup of the simulated nodes failed:\n" + "\n".join(errors))
@@ -831,7 +938,7 @@ class NodeFactory:
     def _safe(fn: Callable[[], list[T]]) -> list[T]:
         try:
             return fn()
-        except Exception:  # noqa: BLE001 - cleanup goes on; the wait step above reported it
+        except Exception:
             return []
 
 
@@ -850,8 +957,28 @@ def get_json(api: kclient.ApiClient, path: str, query: Sequence[tuple[str, str]]
 
 def list_pods(api: kclient.ApiClient, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
     query = [("labelSelector", label_selector)] if label_selector else []
-    items: list[dict[str, Any]] = get_json(api, f"/api/v1/namespaces/{namespace}/pods", query).get("items") or []
+    items: list[dict[str, Any]] = (
+        get_json(api, f"/api/v1/namespaces/{namespace}/pods", query).get("items") or []
+    )
     return items
+
+
+def wait_for_pod(
+    api: kclient.ApiClient,
+    namespace: str,
+    label_selector: str,
+    condition: Callable[[dict[str, Any]], object],
+    *,
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    """Wait until exactly one pod matches ``label_selector`` and ``condition`` holds for it."""
+
+    def probe() -> dict[str, Any] | None:
+        pods = list_pods(api, namespace, label_selector)
+        return pods[0] if len(pods) == 1 and condition(pods[0]) else None
+
+    return wait_for(probe, timeout, what)
 
 
 def pod_phase_on(pod: Mapping[str, Any]) -> tuple[str, str]:
@@ -862,7 +989,11 @@ def pod_phase_on(pod: Mapping[str, Any]) -> tuple[str, str]:
 def unschedulable_message(pod: Mapping[str, Any]) -> str:
     """The scheduler's message when it found no node for the pod ("" otherwise)."""
     for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
             return str(cond.get("message") or "unschedulable")
     return ""
 
@@ -886,8 +1017,8 @@ def pod_claim(api: kclient.ApiClient, pod: Mapping[str, Any], pod_claim_name: st
 def allocation_results(claim: Mapping[str, Any]) -> list[dict[str, Any]]:
     """``status.allocation.devices.results`` of a claim ([] when not allocated)."""
     results: list[dict[str, Any]] = (
-        (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []
-    )
+        ((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}
+    ).get("results") or []
     return results
 
 
@@ -911,6 +1042,8 @@ def cdi_inject(spec_dir: Path, *device_ids: str) -> dict[str, Any]:
         timeout=60,
     )
     if proc.returncode != 0:
-        raise HarnessError(f"cdi inject {' '.join(device_ids)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise HarnessError(
+            f"cdi inject {' '.join(device_ids)} failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
     oci: dict[str, Any] = json.loads(proc.stdout)
     return oci

@@ -15,6 +15,7 @@ the API server side of an upgrade (slice ownership), which the e2e tests exercis
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -33,14 +34,19 @@ from cdi.names import claim_spec_filename
 from driver.checkpoint import PREPARE_COMPLETED, CheckpointStore, PreparedClaim
 from tests.ground.driverroot import make_fake_driver_root
 from tests.ground.kubelet import KubeletEmulator, KubeletError
-from tests.integration.test_daemon import DRIVER, NODE, REPO, Layout
-from tests.integration.test_state import make_claim
+from tests.integration.test_daemon import NODE, REPO, Layout
+from tests.integration.test_state import DRIVER, make_claim
 
 pytestmark = pytest.mark.timeout(240)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-OLD_POD = "0f0e0d0c-1111-4000-8000-00000000a001"
-NEW_POD = "0f0e0d0c-2222-4000-8000-00000000a002"
+# Pod UIDs of three successive plugin pods on the node (two rolling updates).
+POD_UIDS = (
+    "0f0e0d0c-1111-4000-8000-00000000a001",
+    "0f0e0d0c-2222-4000-8000-00000000a002",
+    "0f0e0d0c-3333-4000-8000-00000000a003",
+)
+HELD_UID = "held-0001"
 NAMESPACE = "team-a"
 HELD_GPU = 7  # prepared by the old instance, unprepared by the new one
 TRAFFIC_GPUS = range(7)
@@ -219,8 +225,14 @@ def wait_serving(emulator: KubeletEmulator, instance: Instance) -> None:
         return rec is not None and rec.endpoint == str(instance.dra_socket) and emulator.is_connected(DRIVER)
 
     if instance.proc.poll() is not None:
-        pytest.fail(f"plugin {instance.pod_uid} exited with {instance.proc.returncode}; log: {instance.log_path}")
+        pytest.fail(
+            f"plugin {instance.pod_uid} exited with {instance.proc.returncode}; log: {instance.log_path}"
+        )
     emulator.wait_for(chosen, WAIT_S, f"plugin {instance.pod_uid} to be the instance the kubelet calls")
+
+
+def only_instance(emulator: KubeletEmulator, instance: Instance) -> bool:
+    return [r.endpoint for r in emulator.instances(DRIVER)] == [str(instance.dra_socket)]
 
 
 def spec_writes(*instances: Instance) -> Counter[str]:
@@ -233,54 +245,53 @@ def spec_writes(*instances: Instance) -> Counter[str]:
     return writes
 
 
-def test_rolling_update_under_traffic_loses_no_call_and_prepares_nothing_twice(
+def test_rolling_updates_under_traffic_lose_no_call_and_prepare_nothing_twice(
     layout: Layout, emulator: KubeletEmulator
 ) -> None:
-    """Old instance serving, new one starts and takes over, old one gets SIGTERM - all while the
-    kubelet prepares and unprepares claims on seven GPUs; a claim the old instance prepared is
-    unprepared by the new one."""
-    old = launch(layout, OLD_POD)
-    new: Instance | None = None
+    """Two rolling updates in a row (each: new instance starts and takes over, old one gets
+    SIGTERM) while the kubelet prepares and unprepares claims on seven GPUs; a claim the first
+    instance prepared is unprepared by the last one."""
+    instances = [launch(layout, POD_UIDS[0])]
     traffic = Traffic(emulator, layout, list(TRAFFIC_GPUS))
     try:
-        wait_serving(emulator, old)
-        held = put_claim(layout, "held-0001", HELD_GPU)
+        wait_serving(emulator, instances[0])
+        held = put_claim(layout, HELD_UID, HELD_GPU)
         held_devices = emulator.prepare(DRIVER, [held])
 
         traffic.start()
-        traffic.wait_cycles(len(TRAFFIC_GPUS), "while only the old instance ran")
+        traffic.wait_cycles(len(TRAFFIC_GPUS), "while only the first instance ran")
+        for pod_uid in POD_UIDS[1:]:
+            old, new = instances[-1], launch(layout, pod_uid)
+            instances.append(new)
+            wait_serving(emulator, new)
+            assert len(emulator.instances(DRIVER)) == 2, "both instances must be registered side by side"
+            traffic.wait_cycles(len(TRAFFIC_GPUS), f"while {old.pod_uid} and {new.pod_uid} both ran")
 
-        new = launch(layout, NEW_POD)
-        wait_serving(emulator, new)
-        assert len(emulator.instances(DRIVER)) == 2, "both instances must be registered side by side"
-        traffic.wait_cycles(len(TRAFFIC_GPUS), "while both instances ran")
-
-        assert old.terminate() == 0, f"old instance exited non-zero; log: {old.log_path}"
-        emulator.wait_for(
-            lambda: [r.endpoint for r in emulator.instances(DRIVER)] == [str(new.dra_socket)],
-            WAIT_S,
-            "the old instance to be deregistered",
-        )
-        traffic.wait_cycles(len(TRAFFIC_GPUS), "after the old instance exited")
+            assert old.terminate() == 0, f"instance {old.pod_uid} exited non-zero; log: {old.log_path}"
+            emulator.wait_for(
+                functools.partial(only_instance, emulator, new),
+                WAIT_S,
+                f"instance {old.pod_uid} to be deregistered",
+            )
+            # The old instance removed its own sockets and nothing else.
+            assert not old.reg_socket.exists()
+            assert not old.dra_socket.exists()
+            assert new.reg_socket.exists()
+            assert new.dra_socket.exists()
+            traffic.wait_cycles(len(TRAFFIC_GPUS), f"after {old.pod_uid} exited")
         traffic.stop()
+        last = instances[-1]
 
-        # Instances are interchangeable: the new one knows the old one's claim and undoes it.
+        # Instances are interchangeable: the last one knows the first one's claim and undoes it.
         assert emulator.prepare(DRIVER, [held]) == held_devices
         emulator.unprepare(DRIVER, [held])
-        assert emulator.calls[-1].endpoint == str(new.dra_socket)
-        assert not (layout.cdi / claim_spec_filename("held-0001")).exists()
+        assert emulator.calls[-1].endpoint == str(last.dra_socket)
+        assert not (layout.cdi / claim_spec_filename(HELD_UID)).exists()
 
         assert not traffic.failures
         failed = [c for c in emulator.calls if c.error]
-        assert not failed, f"kubelet calls failed during the rolling update: {failed}"
-        endpoints = {c.endpoint for c in emulator.calls}
-        assert endpoints == {str(old.dra_socket), str(new.dra_socket)}, endpoints
-
-        # The old instance removed its own sockets and nothing else.
-        assert not old.reg_socket.exists()
-        assert not old.dra_socket.exists()
-        assert new.reg_socket.exists()
-        assert new.dra_socket.exists()
+        assert not failed, f"kubelet calls failed during the rolling updates: {failed}"
+        assert {c.endpoint for c in emulator.calls} == {str(i.dra_socket) for i in instances}
 
         # The checkpoint is intact (checksum) and holds exactly what the kubelet believes prepared.
         assert traffic.believed == set()
@@ -288,16 +299,15 @@ def test_rolling_update_under_traffic_loses_no_call_and_prepares_nothing_twice(
         assert sorted(p.name for p in layout.cdi.glob("*.json")) == []
 
         # Every claim was prepared once: one spec write per claim, whichever instance answered.
-        writes = spec_writes(old, new)
-        expected = Counter(claim_spec_filename(uid) for uid in [*traffic.prepared_uids, "held-0001"])
+        writes = spec_writes(*instances)
+        expected = Counter(claim_spec_filename(uid) for uid in [*traffic.prepared_uids, HELD_UID])
         assert writes == expected, f"spec writes differ: {(writes - expected) + (expected - writes)}"
 
-        print("CYCLES", traffic.cycles, Counter(c.endpoint[-12:] for c in emulator.calls))
-        assert new.terminate() == 0, f"new instance exited non-zero; log: {new.log_path}"
+        assert last.terminate() == 0, f"instance {last.pod_uid} exited non-zero; log: {last.log_path}"
     finally:
         with contextlib.suppress(Exception):
             traffic.stop()
-        for inst in (old, new):
-            if inst is not None and inst.proc.poll() is None:
+        for inst in instances:
+            if inst.proc.poll() is None:
                 inst.proc.kill()
                 inst.proc.wait()

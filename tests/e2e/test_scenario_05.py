@@ -1,0 +1,120 @@
+"""Scenario 05: a platform team's DeviceClass (>= 40 GiB) plus a claim narrowing it to A100 80GB.
+
+tests/data/scenarios/05-high-memory-class/expect.md, on the real control plane with simulated
+nodes gpu-a100-80 (4x A100-SXM4-80GB) and gpu-a100 (8x A100-SXM4-40GB), for a 1.34-style kubelet
+(DRA v1) and a 1.32-style one (v1beta1 only): the Job's pod lands on gpu-a100-80 with one 80 GB
+card, and the class as the source article wrote it (``memory >= quantity("40Gi")``) is refused
+by the real API server with the CEL compile error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as kclient
+
+from driver.inventory import DRIVER_NAME
+from tests.ground.kubelet import KUBELET_132_SERVICES, KUBELET_134_SERVICES, PREPARE, UNPREPARE
+from tests.ground.node import (
+    NodeFactory,
+    allocation_results,
+    pod_claim,
+    pod_phase_on,
+    scenario_path,
+    slice_device,
+    wait_for,
+    wait_for_pod,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+NS = "default"
+JOB = "batch.kubernetes.io/job-name=finetune-qwen"
+WAIT_S = 90.0
+
+KUBELETS = pytest.mark.parametrize(
+    "kubelet",
+    [
+        pytest.param(KUBELET_134_SERVICES, id="kubelet-1.34-v1"),
+        pytest.param(KUBELET_132_SERVICES, id="kubelet-1.32-v1beta1"),
+    ],
+)
+
+# The class exactly as the article wrote its selector (a quantity has no `>=` in Kubernetes CEL).
+ARTICLE_EXPRESSION = (
+    'device.driver == "gpu.nvidia.com" && device.capacity["gpu.nvidia.com"].memory >= quantity("40Gi")'
+)
+
+
+def article_class() -> dict[str, Any]:
+    manifests = [d for d in yaml.safe_load_all(scenario_path("05-high-memory-class").read_text()) if d]
+    cls: dict[str, Any] = next(d for d in manifests if d["kind"] == "DeviceClass")
+    cls["metadata"] = {"name": "high-memory-gpu-as-in-the-article"}
+    cls["spec"]["selectors"] = [{"cel": {"expression": ARTICLE_EXPRESSION}}]
+    return cls
+
+
+def test_the_articles_class_is_rejected_by_the_api_server(node_factory: NodeFactory) -> None:
+    with pytest.raises(kclient.ApiException) as info:
+        node_factory.apply([article_class()])
+    err = info.value
+    assert err.status == 422, err
+    status = json.loads(err.body or "{}")
+    assert status["reason"] == "Invalid"
+    (cause,) = status["details"]["causes"]
+    assert cause["field"] == "spec.selectors[0].cel.expression"
+    assert "compilation failed" in cause["message"]
+    assert (
+        "found no matching overload for '_>=_' applied to '(kubernetes.Quantity, kubernetes.Quantity)'"
+        in (cause["message"])
+    )
+    assert node_factory.applied == []
+
+
+@KUBELETS
+def test_job_lands_on_an_a100_80gb(node_factory: NodeFactory, kubelet: tuple[str, ...]) -> None:
+    node_factory.kubelet_services = kubelet
+    big, small = node_factory.start_all([("gpu-a100-80", "a100-80gb-x4"), ("gpu-a100", "a100-40gb-x8")])
+    node_factory.apply(scenario_path("05-high-memory-class"))
+
+    pod = wait_for_pod(
+        node_factory.api,
+        NS,
+        JOB,
+        lambda p: pod_phase_on(p) == ("gpu-a100-80", "Running"),
+        timeout=WAIT_S,
+        what="the Job's pod to run on gpu-a100-80",
+    )
+    claim = pod_claim(node_factory.api, pod, "training-gpu")
+    assert claim is not None
+    uid, claim_name = claim["metadata"]["uid"], claim["metadata"]["name"]
+    (result,) = allocation_results(claim)
+    assert (result["driver"], result["pool"], result["request"]) == (DRIVER_NAME, "gpu-a100-80", "gpu")
+    published = slice_device(big, result["device"])
+    assert published["attributes"]["productName"] == {"string": "NVIDIA A100-SXM4-80GB"}
+    assert published["capacity"]["memory"]["value"] in ("80Gi", "85899345920")
+    # The 40 GB cards pass the class but not the claim's productName selector.
+    assert slice_device(small, "gpu-0")["attributes"]["productName"] == {"string": "NVIDIA A100-SXM4-40GB"}
+
+    (prepared,) = big.emulator.claim_devices(uid)
+    cdi_id = f"k8s.gpu.nvidia.com/claim={uid}-{result['device']}"
+    assert (prepared.pool_name, prepared.device_name, prepared.cdi_device_ids) == (
+        "gpu-a100-80",
+        result["device"],
+        (cdi_id,),
+    )
+    assert big.emulator.pod_cdi_devices[pod["metadata"]["uid"]] == {"trainer": [cdi_id]}
+    assert big.checkpoint()[uid].state == "PrepareCompleted"
+    assert big.cdi_spec(uid) is not None
+    assert [(c.method, c.service) for c in big.emulator.calls] == [(PREPARE, kubelet[0])]
+    assert small.emulator.calls == [] and small.checkpoint() == {}
+
+    # The trainer finishes: the kubelet unprepares the claim of the completed pod.
+    big.emulator.complete_pod(NS, pod["metadata"]["name"])
+    wait_for(lambda: uid not in big.checkpoint(), WAIT_S, "the finished Job's claim to be unprepared")
+    assert big.cdi_spec(uid) is None
+    unprepares = [c for c in big.emulator.calls if c.method == UNPREPARE]
+    assert [(c.claims, c.error) for c in unprepares] == [(((NS, uid, claim_name),), "")]
