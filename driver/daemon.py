@@ -372,7 +372,7 @@ class Daemon:
         placements there would let the scheduler hand out overlapping MIG slices.
         """
         if self._static_fallback or not any("ounter" in f for f in fields):
-            log.warning("API server dropped ResourceSlice fields", fields=list(fields))
+            log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
         self._static_fallback = True
         log.warning(
@@ -386,9 +386,28 @@ class Daemon:
     def _republish_static(self) -> None:
         if self._nvml is None or self._checkpoint_store is None or self.state is None:
             return
-        inventory = self._discover(self._nvml, self._mig_hook(self._checkpoint_store, "static"))
-        if inventory is None or self._publisher is None:
+        from driver.discovery import DiscoveryError, discover
+
+        sysfs_root = None if self.cfg.nvml_backend == "fake" else Path("/sys")
+        try:
+            inventory = discover(
+                self._nvml,
+                self.cfg.node_name,
+                sysfs_root=sysfs_root,
+                mig_hook=self._mig_hook(self._checkpoint_store, "static"),
+            )
+        except (NvmlError, DiscoveryError) as exc:
+            # Nothing was published with counters (the publisher probes first), so the node simply
+            # offers nothing until the server keeps partitionable devices or MIG devices exist.
+            log.error(  # noqa: TRY400 - the message and the fix say it all
+                "static MIG fallback has nothing to publish",
+                error=str(exc),
+                fix="create MIG devices (nvidia-smi mig -cgi ... -C) or enable DRAPartitionableDevices",
+            )
             return
+        if self._publisher is None:
+            return
+        # The state learns the new devices before the scheduler can see them.
         self.state.inventory = inventory
         self._publisher.update(inventory)
 

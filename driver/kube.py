@@ -330,6 +330,23 @@ class Kube:
         )
         return normalise_claim(claim, version)
 
+    def list_resource_claims(self) -> list[JsonDict]:
+        """Every ResourceClaim in every namespace, in the v1 shape (debug tools: who holds what).
+
+        The plugin's own RBAC does not grant this (it only gets claims by name); callers treat a
+        403 as "unknown", not as "none".
+        """
+        version, listed = self._resource_call("GET", "resourceclaims")
+        return [normalise_claim(item, version) for item in listed.get("items") or []]
+
+    def get_device_class(self, name: str) -> JsonDict:
+        """The DeviceClass ``name`` (its ``spec.selectors`` read the same in v1, v1beta2, v1beta1)."""
+        version, device_class = self._resource_call("GET", f"deviceclasses/{name}")
+        device_class["apiVersion"] = f"{RESOURCE_GROUP}/v1"
+        device_class.setdefault("kind", "DeviceClass")
+        log.debug("device class read", name=name, served_as=version)
+        return device_class
+
     def get_node(self, name: str) -> JsonDict:
         """The Node object (``metadata.uid`` is what slice owner references need)."""
         return self._request("GET", f"/api/v1/nodes/{name}")
@@ -350,10 +367,17 @@ class Kube:
         items = [slice_from_version(item, version) for item in listed.get("items") or []]
         return items, str((listed.get("metadata") or {}).get("resourceVersion") or "")
 
-    def create_slice(self, resource_slice: JsonDict) -> JsonDict:
-        """Create a slice (v1 shape in and out); ``metadata.generateName`` is honoured."""
+    def create_slice(self, resource_slice: JsonDict, *, dry_run: bool = False) -> JsonDict:
+        """Create a slice (v1 shape in and out); ``metadata.generateName`` is honoured.
+
+        ``dry_run`` asks the server what it would store (admission, defaulting, dropped fields)
+        without storing anything.
+        """
         version, stored = self._resource_call(
-            "POST", "resourceslices", body_for=lambda v: slice_to_version(resource_slice, v)
+            "POST",
+            "resourceslices",
+            [("dryRun", "All")] if dry_run else None,
+            body_for=lambda v: slice_to_version(resource_slice, v),
         )
         return slice_from_version(stored, version)
 

@@ -861,7 +861,7 @@ class SliceApi(Protocol):
 
     def list_slices_at(self, driver: str, node: str) -> tuple[list[JsonDict], str]: ...
 
-    def create_slice(self, resource_slice: JsonDict) -> JsonDict: ...
+    def create_slice(self, resource_slice: JsonDict, *, dry_run: bool = False) -> JsonDict: ...
 
     def update_slice(self, resource_slice: JsonDict) -> JsonDict: ...
 
@@ -922,6 +922,7 @@ class SlicePublisher:
         self._server_minor: int | None = None
         self._adopted: dict[str, str] = {}  # fingerprint sent -> fingerprint the server stored
         self._reported_dropped: set[str] = set()
+        self._partitionable_probed = False
         self._own_versions: set[str] = set()  # resourceVersions our writes produced
         self._own_deletes: set[str] = set()  # uids we deleted
         self._watch: SliceWatchHandle | None = None
@@ -1084,6 +1085,8 @@ class SlicePublisher:
         minor = self._server_minor
         desired = build_slices(inventory, self._node, self._driver, self._node_uid, minor)
         validate_pool(desired, minor)
+        if inventory.counter_sets and self._drops_partitionable_fields(desired):
+            return  # the owner was told (on_dropped_fields) and publishes another inventory
         stored, _ = self._kube.list_slices_at(self._driver, self._node)
         plan = plan_sync(stored, desired, self._node, same=self._same)
         if plan.writes == 0:
@@ -1121,6 +1124,44 @@ class SlicePublisher:
                 devices=len(wanted["spec"].get("devices") or []),
                 counter_sets=len(wanted["spec"].get("sharedCounters") or []),
             )
+
+    def _drops_partitionable_fields(self, desired: Sequence[JsonDict]) -> bool:
+        """Ask the server (dry run, once) whether it keeps counter sets and counter consumption.
+
+        A server without DRAPartitionableDevices drops them silently. Finding that out from a real
+        write would publish MIG placements without the counters that keep them apart, and the
+        scheduler could hand out overlapping slices before the owner switches to static MIG.
+        """
+        if self._partitionable_probed:
+            return False
+        self._partitionable_probed = True
+        probe_fields: set[str] = set()
+        for wanted in desired:
+            spec = wanted.get("spec") or {}
+            uses_counters = spec.get("sharedCounters") or any(
+                d.get("consumesCounters") for d in spec.get("devices") or []
+            )
+            if not uses_counters:
+                continue
+            stored = self._kube.create_slice(wanted, dry_run=True)
+            probe_fields.update(dropped_fields(wanted, stored))
+        new = tuple(sorted(f for f in probe_fields if f not in self._reported_dropped))
+        if not new:
+            return False
+        self._reported_dropped.update(new)
+        log.error(
+            "api server drops partitionable-device fields (is DRAPartitionableDevices off?); "
+            "nothing with counters is published",
+            fields=list(new),
+        )
+        if self._on_dropped is None:
+            return False
+        try:
+            self._on_dropped(new)
+        except Exception:  # a faulty callback must not stop publishing
+            log.exception("on_dropped_fields callback failed", fields=list(new))
+            return False
+        return True
 
     def _delete(self, obsolete: JsonDict) -> None:
         metadata = obsolete["metadata"]

@@ -380,7 +380,7 @@ class DeviceState:
         gpus = {d.gpu_uuid for d in self.inventory.devices}
         gpus |= {d.gpu_uuid for c in self._all().values() for d in c.devices}
         try:
-            with contextlib.nullcontext():
+            with self.locks.hold(sorted(gpus)):
                 known = set(self._all())
                 for path in [*self.cdi.orphans(known), *self.cdi.stray_temp_files()]:
                     with contextlib.suppress(FileNotFoundError):

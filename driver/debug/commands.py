@@ -6,30 +6,34 @@ holds; ``doctor`` runs a checklist and ``probe`` is the Helm chart's liveness pr
 command takes the daemon's path flags and their environment twins (``driver.config``) and
 ``-o table|json|yaml``. :func:`register` adds them to the ``gpu-dra`` parser.
 
-Nothing here changes node state: no NVML writes, no file writes outside a temporary directory
-(the fake NVML's state for ``simulate``), no API writes except server-side dry runs.
+Nothing here changes node state: no NVML writes, no API writes, no file writes except in a
+temporary directory (the fake NVML's state for ``simulate``) and ``doctor``'s probe file in the
+CDI root, created and removed at once. With ``--kubeconfig`` (or in a pod) ``explain`` reads
+DeviceClasses and the other claims' allocations from the API server, and ``claims show`` the
+claim's consumers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 import yaml
 
-from driver.debug import render
+from driver.checkpoint import PreparedClaim
+from driver.debug import nodestate, render
+from driver.debug.doctor import Check, Doctor
 from driver.debug.explain import (
     BUILTIN_CLASSES,
+    ClaimSpec,
     Explanation,
     NodeDevices,
     classes_from_objects,
@@ -44,8 +48,6 @@ log = structlog.get_logger(__name__)
 
 JsonDict = dict[str, Any]
 SERVER_MINOR = 36
-CHECKPOINT_FILE = "checkpoint.json"
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -142,52 +144,28 @@ def topology_node(topology: str, node: str = "simulated-node", mig: str | None =
     return node_from_slices(inventory_slices(topology_inventory(topology, node, mig), node))
 
 
-def _local_inventory(args: argparse.Namespace) -> Inventory:
-    """What this node's NVML reports (the daemon's backend settings)."""
-    from driver.discovery import discover
-    from driver.nvml.backend import Nvml
-
-    cfg = _config(args)
-    node = cfg.node_name or "this-node"
-    if cfg.nvml_backend == "fake":
-        state = cfg.fake_state or (cfg.state_dir / "fake-nvml.json")
-        nvml = Nvml.open("fake", fake_topology=cfg.fake_topology, fake_state=state, node_name=node)
-    else:
-        nvml = Nvml.open("real", cfg.container_driver_root)
-    try:
-        # The same MIG decision as the daemon's (driver.daemon): node setting, gate, mode changes.
-        mig = cfg.mig_mode if cfg.gate("DynamicMIG") else "static"
-        sysfs = None if cfg.nvml_backend == "fake" else Path("/sys")
-        hook = _mig_hook(nvml, mig, allow_mig_mode_change=cfg.allow_mig_mode_change)
-        return discover(nvml, node, sysfs_root=sysfs, mig_hook=hook)
-    finally:
-        nvml.shutdown()
+def _checkpoint(args: argparse.Namespace) -> nodestate.CheckpointView:
+    return nodestate.read_checkpoint(_config(args).state_dir)
 
 
-def _checkpoint_claims(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
-    """Claims in the checkpoint (uid -> PreparedClaim) and the problem reading it, if any."""
-    from driver.checkpoint import CheckpointStore
-
-    cfg = _config(args)
-    path = cfg.state_dir / CHECKPOINT_FILE
-    boot = Path(os.environ.get("GPU_DRA_BOOT_ID_PATH", str(BOOT_ID_PATH)))
-    try:
-        return dict(CheckpointStore(path, boot).load()), None
-    except (DriverError, OSError, ValueError) as exc:
-        return {}, f"checkpoint {path}: {exc}"
+def _local_inventory(args: argparse.Namespace, view: nodestate.CheckpointView | None = None) -> Inventory:
+    """What this node's NVML reports (the daemon's backend and MIG settings, its owned instances)."""
+    claims = view.claims.values() if view is not None else ()
+    return nodestate.local_inventory(_config(args), claims)
 
 
-def _holders(claims: Mapping[str, Any]) -> dict[str, str]:
-    """device name -> "ns/name (uid)" of the prepared claim that holds it."""
-    out: dict[str, str] = {}
-    for uid, claim in claims.items():
-        for device in claim.devices:
-            out[device.device] = f"{claim.namespace}/{claim.name} ({uid})"
-    return out
+def _label(claim: PreparedClaim | None) -> str | None:
+    return None if claim is None else f"{nodestate.claim_ref(claim)} ({claim.uid})"
 
 
 def _attr_text(value: Any) -> str:
     return str(getattr(value, "value", value))
+
+
+def _server_allowed(args: argparse.Namespace) -> bool:
+    """Whether to ask the API server for context: a kubeconfig was given, or we run in a pod."""
+    cfg = _config(args)
+    return cfg.kubeconfig is not None or bool(cfg.in_cluster)
 
 
 # -- explain / simulate --------------------------------------------------------------------------
@@ -209,21 +187,104 @@ def _read_claim(args: argparse.Namespace) -> JsonDict:
     return dict(_kube(args).get_resource_claim(namespace, name))
 
 
-def _classes(args: argparse.Namespace, docs: Sequence[JsonDict] = ()) -> dict[str, tuple[str, ...]]:
+def _classes(
+    args: argparse.Namespace, claim: ClaimSpec, kube: Any, warnings: list[str]
+) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """DeviceClass selectors by name and where each came from.
+
+    Precedence: ``--class-file`` over the API server over the chart's built-in classes. A class the
+    server does not have is dropped (the scheduler would not find it either); when the server
+    cannot be read the built-in class stands in, with a warning.
+    """
     classes = dict(BUILTIN_CLASSES)
-    classes.update(classes_from_objects(docs))
+    sources = dict.fromkeys(classes, "built-in")
+    wanted = sorted({a.class_name for r in claim.requests for a in r.alternatives})
+    if kube is not None:
+        from driver.errors import ApiError, ApiNotFoundError
+
+        for name in wanted:
+            try:
+                obj = kube.get_device_class(name)
+            except ApiNotFoundError:
+                classes.pop(name, None)
+                sources[name] = "absent on the API server"
+                continue
+            except ApiError as exc:
+                warnings.append(
+                    f"cannot read DeviceClass {name} from the API server ({exc}); "
+                    f"using {'the built-in class' if name in classes else 'nothing'} instead - "
+                    "grant get on deviceclasses or pass --class-file"
+                )
+                continue
+            classes.update(classes_from_objects([obj]))
+            sources[name] = "API server"
     for file in args.class_file or []:
-        classes.update(classes_from_objects(_load_yaml_docs(Path(file))))
-    # TODO(kube): read DeviceClasses from the API server once driver/kube.py offers get_device_class.
-    return classes
+        from_file = classes_from_objects(_load_yaml_docs(Path(file)))
+        classes.update(from_file)
+        sources.update(dict.fromkeys(from_file, f"file {file}"))
+    return classes, {name: sources.get(name, "unknown") for name in wanted}
 
 
-def _explanation_text(exp: Explanation, node_label: str) -> str:
+def _allocated_elsewhere(
+    kube: Any, claim_uid: str, driver: str, warnings: list[str]
+) -> tuple[list[str], list[JsonDict]]:
+    """``driver/pool/device`` keys allocated to claims other than ``claim_uid``, and who holds them."""
+    from driver.errors import ApiError
+
+    try:
+        claims = kube.list_resource_claims()
+    except ApiError as exc:
+        warnings.append(
+            f"cannot list ResourceClaims ({exc}); devices allocated to other claims are counted as free "
+            "- grant list on resourceclaims or run with an admin kubeconfig"
+        )
+        return [], []
+    keys: list[str] = []
+    held: list[JsonDict] = []
+    for other in claims:
+        meta = other.get("metadata") or {}
+        if meta.get("uid") == claim_uid:
+            continue
+        results = (((other.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results")
+        for r in results or []:
+            keys.append(f"{r.get('driver')}/{r.get('pool')}/{r.get('device')}")
+            if r.get("driver") == driver:
+                held.append(
+                    {
+                        "device": r.get("device"),
+                        "pool": r.get("pool"),
+                        "claim": f"{meta.get('namespace')}/{meta.get('name')}",
+                    }
+                )
+    return keys, held
+
+
+def _current_allocation(claim_obj: Mapping[str, Any]) -> list[str]:
+    results = (((claim_obj.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results")
+    return [f"{r.get('request')}: {r.get('pool')}/{r.get('device')}" for r in results or []]
+
+
+def _explanation_header(exp: Explanation, node_label: str, extra: Mapping[str, Any]) -> list[str]:
     lines = [f"claim {exp.claim.name} ({exp.claim.kind}) on {node_label}"]
+    for name, source in extra.get("deviceClasses", {}).items():
+        lines.append(f"  DeviceClass {name}: {source}")
+    if extra.get("currentAllocation"):
+        lines.append(f"  allocated now: {', '.join(extra['currentAllocation'])}")
+    held = extra.get("allocatedToOtherClaims") or []
+    if held:
+        lines.append("  held by other claims: " + ", ".join(f"{h['device']} ({h['claim']})" for h in held))
+    for warning in extra.get("warnings", []):
+        lines.append(f"  warning: {warning}")
     for rej in exp.rejections:
         lines.append(f"  REJECTED by the API server: {rej.where}: {rej.message}")
         if rej.fix:
             lines.append(f"    fix: {rej.fix}")
+    return lines
+
+
+def _explanation_text(exp: Explanation, node_label: str, extra: Mapping[str, Any]) -> str:
+    lines = _explanation_header(exp, node_label, extra)
+    taken = {h["device"] for h in extra.get("allocatedToOtherClaims") or []}
     for alt in exp.alternatives:
         a = alt.alternative
         want = "all" if a.mode == "All" else str(a.count)
@@ -235,7 +296,7 @@ def _explanation_text(exp: Explanation, node_label: str) -> str:
         for d in alt.devices:
             failing = next((c for c in d.clauses if c.outcome is None or not c.outcome.matched), None)
             if d.matched:
-                why = "all clauses true"
+                why = "all clauses true" + (" (but held by another claim)" if d.device in taken else "")
             elif failing is not None and failing.outcome is not None and failing.outcome.error:
                 why = f"{failing.source}: ERROR {failing.outcome.error}"
             elif failing is not None:
@@ -257,26 +318,42 @@ def _explanation_text(exp: Explanation, node_label: str) -> str:
 
 
 def run_explain(args: argparse.Namespace, out: TextIO) -> int:
+    cfg = _config(args)
     claim_obj = _read_claim(args)
     claim = parse_claim(claim_obj)
-    classes = _classes(args)
-    if getattr(args, "topology", None):
-        node = topology_node(args.topology, mig=getattr(args, "mig", None))
-        label = f"simulated {args.topology}"
-    elif getattr(args, "slices_file", None):
+    topology = getattr(args, "topology", None)
+    slices_file = getattr(args, "slices_file", None)
+    live = not topology and not slices_file
+    kube = _kube(args) if live or cfg.kubeconfig is not None else None
+    warnings: list[str] = []
+    classes, sources = _classes(args, claim, kube, warnings)
+    allocated: list[str] = []
+    held: list[JsonDict] = []
+    if topology:
+        node = topology_node(topology, mig=getattr(args, "mig", None))
+        label = f"simulated {topology}"
+    elif slices_file:
         node = node_from_slices(
-            d for d in _load_yaml_docs(Path(args.slices_file)) if d.get("kind") == "ResourceSlice"
+            d for d in _load_yaml_docs(Path(slices_file)) if d.get("kind") == "ResourceSlice"
         )
-        label = str(args.slices_file)
+        label = str(slices_file)
     else:
-        cfg = _config(args)
         if not cfg.node_name:
             raise DebugError("explain needs --node-name / NODE_NAME (or --topology / --slices-file)")
-        node = node_from_slices(_kube(args).list_slices(cfg.driver_name, cfg.node_name))
+        kube = kube or _kube(args)
+        node = node_from_slices(kube.list_slices(cfg.driver_name, cfg.node_name))
         label = f"node {cfg.node_name}"
-        # TODO(kube): exclude devices allocated to other claims (needs a claim list in driver/kube.py).
-    exp = explain(claim, node, classes)
-    render.emit(exp.to_dict(), args.output, _explanation_text(exp, label), out)
+        uid = str((claim_obj.get("metadata") or {}).get("uid") or "")
+        allocated, every = _allocated_elsewhere(kube, uid, cfg.driver_name, warnings)
+        held = [h for h in every if h["pool"] == cfg.node_name]
+    exp = explain(claim, node, classes, allocated)
+    extra: JsonDict = {
+        "deviceClasses": sources,
+        "currentAllocation": _current_allocation(claim_obj),
+        "allocatedToOtherClaims": held,
+        "warnings": warnings,
+    }
+    render.emit({**exp.to_dict(), **extra}, args.output, _explanation_text(exp, label, extra), out)
     return 0 if exp.fits else 1
 
 
@@ -284,19 +361,27 @@ def run_explain(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def run_devices(args: argparse.Namespace, out: TextIO) -> int:
-    inventory = topology_inventory(args.topology, mig=args.mig) if args.topology else _local_inventory(args)
-    claims, problem = ({}, None) if args.topology else _checkpoint_claims(args)
-    holders = _holders(claims)
+    if args.topology:
+        inventory, view = topology_inventory(args.topology, mig=args.mig), None
+    else:
+        view = _checkpoint(args)
+        inventory = _local_inventory(args, view)
+    holdings = nodestate.device_holdings(inventory, view.claims if view else {})
     data: list[JsonDict] = []
     for d in inventory.devices:
+        h = holdings[d.name]
         data.append(
             {
                 "name": d.name,
                 "kind": d.kind,
                 "uuid": str(d.attributes.get("uuid", d.gpu_uuid)),
+                "gpu": d.gpu_minor,
                 "attributes": {k: _attr_text(v) for k, v in d.attributes.items()},
                 "capacity": dict(d.capacity),
-                "heldBy": holders.get(d.name),
+                "status": h.status,
+                "heldBy": None if h.held_by is None else nodestate.claim_ref(h.held_by),
+                "heldByUid": None if h.held_by is None else h.held_by.uid,
+                "blockedBy": [nodestate.claim_ref(c) for c in h.blocked_by],
             }
         )
     rows = [
@@ -305,46 +390,87 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
             d["kind"],
             d["attributes"].get("productName", "-"),
             d["attributes"].get("profile", "-"),
-            d["heldBy"] or "free",
+            d["heldBy"] or (f"blocked by {', '.join(d['blockedBy'])}" if d["blockedBy"] else "free"),
         )
         for d in data
     ]
     text = render.table(("DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD BY"), rows)
-    if problem:
-        text += f"\nwarning: {problem}"
-    render.emit(
-        {"devices": data, "warnings": list(inventory.warnings) + ([problem] if problem else [])},
-        args.output,
-        text,
-        out,
-    )
+    problems = [view.problem] if view is not None and view.problem else []
+    for warning in [*inventory.warnings, *problems]:
+        text += f"\nwarning: {warning}"
+    render.emit({"devices": data, "warnings": [*inventory.warnings, *problems]}, args.output, text, out)
     return 0
 
 
+def _by_name(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {str(i.get("name")): i for i in items}
+
+
+def slice_diff(want: Sequence[Mapping[str, Any]], have: Sequence[Mapping[str, Any]]) -> JsonDict:
+    """Device- and counter-set-level difference between two sets of slices (values compared by meaning)."""
+    from driver.resourceslices import comparable_spec
+
+    def parts(slices: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for s in slices:
+            out.update(_by_name(comparable_spec(s).get(key) or []))
+        return out
+
+    diff: JsonDict = {"slicesWanted": len(want), "slicesPublished": len(have)}
+    in_sync = True
+    for key, label in (("devices", "Devices"), ("sharedCounters", "CounterSets")):
+        w, h = parts(want, key), parts(have, key)
+        missing = sorted(set(w) - set(h))
+        extra = sorted(set(h) - set(w))
+        changed = sorted(n for n in set(w) & set(h) if w[n] != h[n])
+        diff[f"missing{label}"] = missing
+        diff[f"unexpected{label}"] = extra
+        diff[f"changed{label}"] = changed
+        in_sync = in_sync and not (missing or extra or changed)
+    diff["inSync"] = in_sync
+    return diff
+
+
+def _diff_text(d: Mapping[str, Any]) -> str:
+    if d["inSync"]:
+        return f"published: in sync ({d['slicesPublished']} slice(s) on the API server)"
+    lines = ["published: DIFFERS from what this node would publish now"]
+    for key, what in (
+        ("missingDevices", "devices not published"),
+        ("unexpectedDevices", "published devices this node does not have"),
+        ("changedDevices", "devices published differently"),
+        ("missingCounterSets", "counter sets not published"),
+        ("unexpectedCounterSets", "published counter sets this node does not have"),
+        ("changedCounterSets", "counter sets published differently"),
+    ):
+        if d[key]:
+            lines.append(f"  {what}: {', '.join(d[key])}")
+    lines.append("  the plugin repairs its pool on its own; if this persists see its publisher logs")
+    return "\n".join(lines)
+
+
 def run_slices(args: argparse.Namespace, out: TextIO) -> int:
-    from driver.resourceslices import comparable_spec, validate_pool
+    from driver.resourceslices import validate_pool
 
     cfg = _config(args)
     node = cfg.node_name or "this-node"
-    inventory = topology_inventory(args.topology, node, args.mig) if args.topology else _local_inventory(args)
-    slices = inventory_slices(inventory, node, cfg.driver_name)
+    if args.topology:
+        inventory = topology_inventory(args.topology, node, args.mig)
+    else:
+        inventory = _local_inventory(args, _checkpoint(args))
+    kube = _kube(args) if args.compare else None
+    minor = kube.server_version()[1] if kube is not None else SERVER_MINOR
+    from driver.resourceslices import build_slices
+
+    slices = build_slices(inventory, node, cfg.driver_name, "", minor)
     result: JsonDict = {"slices": slices, "valid": True, "problems": [], "diff": None}
     try:
-        validate_pool(slices, SERVER_MINOR)
+        validate_pool(slices, minor)
     except DriverError as exc:
         result["valid"] = False
         result["problems"].append(str(exc))
-    if args.compare:
-        published = _kube(args).list_slices(cfg.driver_name, node)
-        want = [comparable_spec(s) for s in slices]
-        have = [comparable_spec(s) for s in published]
-        missing = [s for s in want if s not in have]
-        extra = [s for s in have if s not in want]
-        result["diff"] = {
-            "missing": len(missing),
-            "unexpected": len(extra),
-            "inSync": not missing and not extra,
-        }
+    if kube is not None:
+        result["diff"] = slice_diff(slices, kube.list_slices(cfg.driver_name, node))
     rows = [
         (
             s["metadata"]["generateName"],
@@ -356,41 +482,55 @@ def run_slices(args: argparse.Namespace, out: TextIO) -> int:
     text = render.table(("SLICE", "DEVICES", "COUNTER SETS"), rows)
     text += f"\nvalid: {'yes' if result['valid'] else 'NO: ' + '; '.join(result['problems'])}"
     if result["diff"] is not None:
-        d = result["diff"]
-        state = "in sync" if d["inSync"] else f"{d['missing']} missing, {d['unexpected']} unexpected"
-        text += f"\npublished: {state}"
+        text += "\n" + _diff_text(result["diff"])
     render.emit(result, args.output, text, out)
-    return 0 if result["valid"] else 1
+    in_sync = result["diff"] is None or result["diff"]["inSync"]
+    return 0 if result["valid"] and in_sync else 1
 
 
-def mig_picture(inventory: Inventory, holders: Mapping[str, str]) -> list[JsonDict]:
-    """Per GPU: its memory slices and which MIG device (and claim) occupies each."""
+def mig_picture(
+    inventory: Inventory,
+    holders: Mapping[str, str],
+    live: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[JsonDict]:
+    """Per GPU: its memory slices and which MIG device (and claim) occupies each.
+
+    ``holders`` maps device name -> claim label; ``live`` device name -> the checkpoint's MIG
+    record of the instance created for it (adds its MIG UUID and GI/CI ids).
+    """
+    live = live or {}
     gpus: dict[int, JsonDict] = {}
     for d in inventory.devices:
-        if d.kind == "gpu":
-            gpus.setdefault(
-                d.gpu_minor, {"gpu": d.gpu_minor, "uuid": d.gpu_uuid, "slices": 0, "instances": []}
-            )
-            continue
+        entry = gpus.setdefault(
+            d.gpu_minor,
+            {"gpu": d.gpu_minor, "uuid": d.gpu_uuid, "slices": 0, "instances": [], "freeSlices": []},
+        )
         spec = d.mig_spec
         if spec is None:
             continue
-        entry = gpus.setdefault(
-            d.gpu_minor, {"gpu": d.gpu_minor, "uuid": d.gpu_uuid, "slices": 0, "instances": []}
-        )
         entry["slices"] = max(entry["slices"], spec.placement_start + spec.placement_size)
-        live = d.mig_live is not None
         holder = holders.get(d.name)
-        if live or holder:
+        record = live.get(d.name) or {}
+        if d.mig_live is not None or holder:
+            mig_uuid = record.get("mig_uuid") or (d.mig_live.mig_uuid if d.mig_live else None)
             entry["instances"].append(
                 {
                     "device": d.name,
                     "profile": spec.profile,
                     "start": spec.placement_start,
                     "size": spec.placement_size,
+                    "memorySlices": list(
+                        range(spec.placement_start, spec.placement_start + spec.placement_size)
+                    ),
                     "claim": holder,
+                    "migUUID": mig_uuid,
+                    "giId": record.get("gi_id", d.mig_live.gi_id if d.mig_live else None),
+                    "ciId": record.get("ci_id", d.mig_live.ci_id if d.mig_live else None),
                 }
             )
+    for entry in gpus.values():
+        used = {s for inst in entry["instances"] for s in inst["memorySlices"]}
+        entry["freeSlices"] = [s for s in range(entry["slices"]) if s not in used]
     return [gpus[k] for k in sorted(gpus)]
 
 
@@ -401,20 +541,36 @@ def _mig_text(picture: Sequence[JsonDict]) -> str:
         legend = []
         for n, inst in enumerate(gpu["instances"]):
             mark = chr(ord("A") + n % 26)
-            for i in range(inst["start"], inst["start"] + inst["size"]):
+            for i in inst["memorySlices"]:
                 if i < len(cells):
                     cells[i] = mark
-            legend.append(f"  {mark} = {inst['profile']} {inst['device']} {inst['claim'] or '(no claim)'}")
-        bar = "[" + "|".join(cells) + "]" if cells else "(no MIG placements)"
+            where = f"slice {inst['start']}" + (
+                f"-{inst['start'] + inst['size'] - 1}" if inst["size"] > 1 else ""
+            )
+            legend.append(
+                f"  {mark} = {inst['profile']} {inst['device']} {where} "
+                f"{inst['claim'] or '(no claim: created outside this plugin)'}"
+                + (f" {inst['migUUID']}" if inst.get("migUUID") else "")
+            )
+        if cells:
+            used = gpu["slices"] - len(gpu["freeSlices"])
+            bar = "[" + "|".join(cells) + "]" + f"  {used} of {gpu['slices']} memory slices in use"
+        else:
+            bar = "(no MIG placements)"
         lines.append(f"gpu {gpu['gpu']} {gpu['uuid']}: {bar}")
         lines.extend(legend)
     return "\n".join(lines) or "no GPUs"
 
 
 def run_mig(args: argparse.Namespace, out: TextIO) -> int:
-    inventory = topology_inventory(args.topology, mig=args.mig) if args.topology else _local_inventory(args)
-    claims, _problem = ({}, None) if args.topology else _checkpoint_claims(args)
-    picture = mig_picture(inventory, _holders(claims))
+    if args.topology:
+        inventory, claims = topology_inventory(args.topology, mig=args.mig), {}
+    else:
+        view = _checkpoint(args)
+        inventory, claims = _local_inventory(args, view), dict(view.claims)
+    labels = {name: _label(c) or "" for name, c in nodestate.holders(claims).items()}
+    live = {d.device: d.mig for c in claims.values() for d in c.devices if d.mig is not None}
+    picture = mig_picture(inventory, labels, live)
     render.emit({"gpus": picture}, args.output, _mig_text(picture), out)
     return 0
 
@@ -422,74 +578,190 @@ def run_mig(args: argparse.Namespace, out: TextIO) -> int:
 # -- claims / cdi --------------------------------------------------------------------------------
 
 
-def _claim_data(uid: str, claim: Any) -> JsonDict:
+def _claim_data(claim: PreparedClaim) -> JsonDict:
     return {
-        "uid": uid,
+        "uid": claim.uid,
         "namespace": claim.namespace,
         "name": claim.name,
         "state": str(claim.state),
         "devices": [d.device for d in claim.devices],
         "cdiDeviceIds": [i for d in claim.devices for i in d.cdi_device_ids],
-        "ageSeconds": int(time.time() - claim.started_at),
+        "sharing": [str(r.get("kind")) for r in claim.sharing],
+        "ageSeconds": nodestate.age_seconds(claim),
     }
 
 
+def _consumers(args: argparse.Namespace, claim: PreparedClaim) -> tuple[list[JsonDict] | None, str | None]:
+    """The claim's ``status.reservedFor`` from the API server (None + why when not available)."""
+    if not _server_allowed(args):
+        return None, "not asked (no --kubeconfig and not in a pod)"
+    try:
+        obj = _kube(args).get_resource_claim(claim.namespace, claim.name)
+    except DriverError as exc:
+        return None, str(exc)
+    if (obj.get("metadata") or {}).get("uid") != claim.uid:
+        return None, f"the API server's {claim.namespace}/{claim.name} is another claim now (uid changed)"
+    reserved = (obj.get("status") or {}).get("reservedFor") or []
+    return [
+        {"resource": r.get("resource"), "name": r.get("name"), "uid": r.get("uid")} for r in reserved
+    ], None
+
+
+def _claim_detail(args: argparse.Namespace, claim: PreparedClaim, view: nodestate.CheckpointView) -> JsonDict:
+    spec = next(
+        (
+            s
+            for s in nodestate.cdi_specs(_config(args).cdi_root, {claim.uid: claim})
+            if s.claim_uid == claim.uid
+        ),
+        None,
+    )
+    consumers, consumers_problem = _consumers(args, claim)
+    return {
+        **_claim_data(claim),
+        "startedAt": claim.started_at,
+        "completedAt": claim.completed_at,
+        "devices": [
+            {
+                "device": d.device,
+                "pool": d.pool,
+                "kind": d.kind,
+                "gpuUUID": d.gpu_uuid,
+                "requests": list(d.request_names),
+                "cdiDeviceIds": list(d.cdi_device_ids),
+                "adminAccess": d.admin_access,
+                "mig": dict(d.mig) if d.mig is not None else None,
+            }
+            for d in claim.devices
+        ],
+        "sharing": [dict(r) for r in claim.sharing],
+        "sharingSummary": nodestate.sharing_summary(claim),
+        "cdiSpec": None if spec is None else spec.to_dict(),
+        "consumers": consumers,
+        "consumersProblem": consumers_problem,
+        "checkpoint": view.to_dict(),
+    }
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _claim_detail_text(d: Mapping[str, Any]) -> str:
+    lines = [
+        f"claim {d['namespace']}/{d['name']}",
+        f"  uid:      {d['uid']}",
+        f"  state:    {d['state']}",
+        f"  age:      {d['ageSeconds']}s (prepare started {_when(d['startedAt'])})",
+        "  devices:",
+    ]
+    for dev in d["devices"]:
+        mig = f" MIG {dev['mig'].get('mig_uuid')}" if dev["mig"] else ""
+        lines.append(
+            f"    {dev['device']} ({dev['kind']}, GPU {dev['gpuUUID']}{mig}) "
+            f"for request(s) {', '.join(dev['requests'])}"
+        )
+        for cdi_id in dev["cdiDeviceIds"]:
+            lines.append(f"      CDI {cdi_id}")
+    lines.append("  sharing:")
+    lines.extend(f"    {s}" for s in d["sharingSummary"])
+    spec = d["cdiSpec"]
+    if spec is None:
+        lines.append("  CDI spec: none")
+    else:
+        lines.append(
+            f"  CDI spec: {spec['path']} ({spec['status']}"
+            + (f": {spec['problem']})" if spec["problem"] else ")")
+        )
+    if d["consumers"] is not None:
+        lines.append(f"  consumers (reservedFor, {len(d['consumers'])}), each given the devices above:")
+        lines.extend(f"    {c['resource']} {c['name']} ({c['uid']})" for c in d["consumers"])
+    else:
+        lines.append(f"  consumers: unknown ({d['consumersProblem']})")
+    return "\n".join(lines)
+
+
 def run_claims(args: argparse.Namespace, out: TextIO) -> int:
-    claims, problem = _checkpoint_claims(args)
+    view = _checkpoint(args)
     if args.show:
-        match = {u: c for u, c in claims.items() if args.show in (u, f"{c.namespace}/{c.name}")}
-        if not match:
-            raise DebugError(f"no claim {args.show!r} in the checkpoint; list them with `gpu-dra claims`")
-        uid, claim = next(iter(match.items()))
-        detail = {**_claim_data(uid, claim), "detail": claim.to_dict()}
-        render.emit(detail, args.output, yaml.safe_dump(detail, sort_keys=False), out)
+        claim = nodestate.find_claim(view.claims, args.show)
+        if claim is None:
+            problem = f" ({view.problem})" if view.problem else ""
+            raise DebugError(
+                f"no claim {args.show!r} in the checkpoint{problem}; list them with `gpu-dra claims`"
+            )
+        detail = _claim_detail(args, claim, view)
+        render.emit(detail, args.output, _claim_detail_text(detail), out)
         return 0
-    data = [_claim_data(u, c) for u, c in sorted(claims.items())]
+    data = [_claim_data(c) for _, c in sorted(view.claims.items())]
     rows = [
-        (d["uid"], f"{d['namespace']}/{d['name']}", d["state"], d["devices"], f"{d['ageSeconds']}s")
+        (
+            d["uid"],
+            f"{d['namespace']}/{d['name']}",
+            d["state"],
+            d["devices"],
+            d["sharing"] or "none",
+            f"{d['ageSeconds']}s",
+        )
         for d in data
     ]
-    text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "AGE"), rows)
-    text += "\ncheckpoint: " + (problem or "valid (checksum and boot id verified)")
-    render.emit({"claims": data, "checkpoint": problem or "valid"}, args.output, text, out)
-    return 1 if problem else 0
+    text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "SHARING", "AGE"), rows)
+    if view.problem:
+        text += f"\ncheckpoint: PROBLEM: {view.problem}"
+    elif view.exists:
+        text += (
+            f"\ncheckpoint: {view.path} valid (checksum {str(view.checksum)[:12]}... and boot id verified)"
+        )
+    else:
+        text += f"\ncheckpoint: {view.path} not written yet"
+    render.emit({"claims": data, "checkpoint": view.to_dict()}, args.output, text, out)
+    return 1 if view.problem else 0
 
 
 def run_cdi(args: argparse.Namespace, out: TextIO) -> int:
     from cdi.store import CdiStore
 
     cfg = _config(args)
-    store = CdiStore(cfg.cdi_root)
-    claims, _problem = _checkpoint_claims(args)
+    view = _checkpoint(args)
     if args.show:
-        spec = store.read_claim_spec(args.show)
+        claim = nodestate.find_claim(view.claims, args.show)
+        uid = claim.uid if claim is not None else args.show
+        spec = CdiStore(cfg.cdi_root).read_claim_spec(uid)
         if spec is None:
-            raise DebugError(f"no CDI spec for claim {args.show} under {cfg.cdi_root}")
+            raise DebugError(
+                f"no CDI spec for claim {args.show} under {cfg.cdi_root}; list them with `gpu-dra cdi`"
+            )
         shown: JsonDict = json.loads(spec.to_json())
         render.emit(shown, args.output, yaml.safe_dump(shown, sort_keys=False), out)
         return 0
-    specs = store.list_claim_specs()
-    orphans = {str(p) for p in store.orphans(claims.keys())}
-    data = [{"claim": uid, "path": str(p), "orphan": str(p) in orphans} for uid, p in sorted(specs.items())]
-    rows = [(d["claim"], d["path"], "ORPHAN" if d["orphan"] else "ok") for d in data]
+    statuses = nodestate.cdi_specs(cfg.cdi_root, view.claims)
+    data = [s.to_dict() for s in statuses]
+    owners = {uid: nodestate.claim_ref(c) for uid, c in view.claims.items()}
+    rows = [
+        (
+            s.claim_uid,
+            owners.get(s.claim_uid, "-"),
+            s.path.name,
+            s.status.upper() if s.status != "ok" else "ok",
+            s.problem or "",
+        )
+        for s in statuses
+    ]
     render.emit(
-        {"specs": data, "orphans": sorted(orphans)},
+        {
+            "specs": data,
+            "orphans": [str(s.path) for s in statuses if s.status == "orphan"],
+            "problems": nodestate.spec_problems(statuses),
+        },
         args.output,
-        render.table(("CLAIM", "PATH", "STATUS"), rows),
+        render.table(("CLAIM UID", "CLAIM", "FILE", "STATUS", "PROBLEM"), rows)
+        + f"\nCDI root: {cfg.cdi_root}",
         out,
     )
-    return 0
+    return 1 if any(s.status != "ok" for s in statuses) else 0
 
 
 # -- doctor / probe ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    todo: str = ""
 
 
 def _socket_paths(args: argparse.Namespace) -> Any:
@@ -501,105 +773,28 @@ def _socket_paths(args: argparse.Namespace) -> Any:
     )
 
 
-def _check(name: str, todo: str, fn: Callable[[], str]) -> Check:
-    try:
-        return Check(name, True, fn())
-    except Exception as exc:  # noqa: BLE001 - a checklist reports every failure and goes on
-        return Check(name, False, str(exc) or type(exc).__name__, todo)
-
-
 def doctor_checks(args: argparse.Namespace) -> list[Check]:
-    cfg = _config(args)
-    checks: list[Check] = []
+    kube: list[Any] = []
 
-    def nvml() -> str:
-        inv = _local_inventory(args)
-        return f"{len(inv.devices)} device(s) discovered"
+    def kube_once() -> Any:
+        if not kube:
+            kube.append(_kube(args))
+        return kube[0]
 
-    checks.append(
-        _check(
-            "NVML loads and sees GPUs", "check the driver root (--driver-root) and the NVIDIA driver", nvml
-        )
-    )
-
-    def dev_nodes() -> str:
-        if cfg.nvml_backend == "fake":
-            return "skipped (fake NVML backend)"
-        ctl = cfg.dev_root / "dev" / "nvidiactl"
-        if not ctl.exists():
-            raise DebugError(f"{ctl} missing")
-        return f"{ctl} present"
-
-    checks.append(
-        _check("device nodes exist", "load the NVIDIA kernel modules / mount /dev (--dev-root)", dev_nodes)
-    )
-
-    def sockets() -> str:
-        from driver.kubeletplugin.health import probe
-
-        paths = _socket_paths(args)
-        problem = probe(paths, timeout_s=args.timeout)
-        if problem:
-            raise DebugError(f"{paths.registration}: {problem}")
-        return "GetInfo and an empty NodePrepareResources answered"
-
-    checks.append(
-        _check("registration and DRA sockets answer", "see the plugin's logs; restart the pod", sockets)
-    )
-
-    def cdi_root() -> str:
-        probe_file = cfg.cdi_root / f".gpu-dra-doctor-{os.getpid()}"
-        probe_file.write_text("")
-        probe_file.unlink()
-        return f"{cfg.cdi_root} writable"
-
-    checks.append(
-        _check("CDI root writable", "mount the CDI root read-write (--cdi-root / CDI_ROOT)", cdi_root)
-    )
-
-    def checkpoint() -> str:
-        claims, problem = _checkpoint_claims(args)
-        if problem:
-            raise DebugError(problem)
-        return f"valid, {len(claims)} claim(s)"
-
-    checks.append(
-        _check("checkpoint valid", "see `gpu-dra claims`; a corrupt file is moved aside on start", checkpoint)
-    )
-
-    def api() -> str:
-        major, minor = _kube(args).server_version()
-        return f"API server {major}.{minor}"
-
-    checks.append(_check("API server reachable", "check --kubeconfig / the service account", api))
-
-    def published() -> str:
-        from driver.resourceslices import validate_pool
-
-        slices = _kube(args).list_slices(cfg.driver_name, cfg.node_name)
-        if not slices:
-            raise DebugError(f"no ResourceSlices of {cfg.driver_name} for node {cfg.node_name}")
-        validate_pool(slices, SERVER_MINOR)
-        return f"{len(slices)} slice(s) valid"
-
-    checks.append(_check("slices published and valid", "see the plugin's publisher logs", published))
-    # TODO(mps): check the MPS control daemons of prepared claims (needs a liveness query in sharing/mps.py).
-    return checks
+    return Doctor(_config(args), kube_once, args.timeout).checks()
 
 
 def run_doctor(args: argparse.Namespace, out: TextIO) -> int:
     checks = doctor_checks(args)
-    data = [{"check": c.name, "ok": c.ok, "detail": c.detail, "todo": c.todo} for c in checks]
-    rows = [
-        ("ok" if c.ok else "FAIL", c.name, c.detail + (f" -> {c.todo}" if not c.ok else "")) for c in checks
-    ]
-    render.emit(
-        {"checks": data, "ok": all(c.ok for c in checks)},
-        args.output,
-        render.table(("", "CHECK", "DETAIL"), rows),
-        out,
-    )
-    return 0 if all(c.ok for c in checks) else 1
+    bad = [c for c in checks if not c.ok]
+    lines = []
+    for c in checks:
+        lines.append(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
+        if not c.ok:
+            lines.append(f"      what to do: {c.todo}")
+    lines.append(f"\nverdict: {'healthy' if not bad else f'{len(bad)} of {len(checks)} checks failed'}")
+    render.emit({"checks": [c.to_dict() for c in checks], "ok": not bad}, args.output, "\n".join(lines), out)
+    return 0 if not bad else 1
 
 
 def run_probe(args: argparse.Namespace, out: TextIO) -> int:

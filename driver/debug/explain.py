@@ -388,6 +388,10 @@ class _Search:
         self.chosen: dict[str, list[Device]] = {}
         self.used: set[str] = set()
         self.usage: dict[tuple[str, str, str], dict[str, Fraction]] = {}
+        # Devices of other claims use their shared counters, as in the scheduler's allocator.
+        for device in node.devices:
+            if device.key in allocated:
+                self._charge(device, 1)
 
     def candidates(self, alt: Alternative) -> _Candidates:
         return _Candidates(self, alt)
@@ -433,23 +437,23 @@ class _Search:
                     return False
         return True
 
-    def take(self, alt: Alternative, device: Device) -> None:
-        self.chosen.setdefault(alt.name, []).append(device)
-        self.used.add(device.key)
+    def _charge(self, device: Device, sign: int) -> None:
         for set_name, counters in device.consumes:
             usage = self.usage.setdefault((device.driver, device.pool, set_name), {})
             for name, amount in counters.items():
-                usage[name] = usage.get(name, Fraction(0)) + amount
+                usage[name] = usage.get(name, Fraction(0)) + sign * amount
+
+    def take(self, alt: Alternative, device: Device) -> None:
+        self.chosen.setdefault(alt.name, []).append(device)
+        self.used.add(device.key)
+        self._charge(device, 1)
 
     def give_back(self, alt: Alternative, device: Device) -> None:
         self.chosen[alt.name].pop()
         if not self.chosen[alt.name]:
             del self.chosen[alt.name]
         self.used.discard(device.key)
-        for set_name, counters in device.consumes:
-            usage = self.usage[(device.driver, device.pool, set_name)]
-            for name, amount in counters.items():
-                usage[name] -= amount
+        self._charge(device, -1)
 
     def tick(self) -> None:
         self.steps += 1

@@ -23,6 +23,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,17 @@ def feature_gates(version: str) -> list[str]:
     if _minor(version) < 36:
         return [f"{g}=true" for g in _PRE_136_GATES]
     return []
+
+
+def merge_feature_gates(gates: Sequence[str], extra: Mapping[str, bool] | None) -> list[str]:
+    """``gates`` (``Name=value`` entries) with ``extra`` appended; a name in both takes ``extra``'s value."""
+    merged: dict[str, str] = {}
+    for entry in gates:
+        name, _, value = entry.partition("=")
+        merged[name] = value
+    for name, enabled in (extra or {}).items():
+        merged[name] = "true" if enabled else "false"
+    return [f"{name}={value}" for name, value in merged.items()]
 
 
 def runtime_config(version: str) -> list[str]:
@@ -407,8 +419,15 @@ def _self_signed_ok() -> ssl.SSLContext:
     return ctx
 
 
-def start_control_plane(workdir: Path, version: str = "v1.36.3") -> ControlPlane:
-    """Starts etcd, kube-apiserver, kube-scheduler, kube-controller-manager; waits until ready."""
+def start_control_plane(
+    workdir: Path, version: str = "v1.36.3", extra_feature_gates: Mapping[str, bool] | None = None
+) -> ControlPlane:
+    """Starts etcd, kube-apiserver, kube-scheduler, kube-controller-manager; waits until ready.
+
+    ``extra_feature_gates`` go to apiserver, scheduler and controller-manager after the
+    version's own gates, overriding any of the same name (e.g. ``{"DRAPartitionableDevices":
+    False}`` for a server that drops partitionable-device fields).
+    """
     t0 = time.monotonic()
     bin_dir = k8s_bin_dir(version)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +443,7 @@ def start_control_plane(workdir: Path, version: str = "v1.36.3") -> ControlPlane
         )
     )
     atexit.register(cp.stop)
-    gates = feature_gates(version)
+    gates = merge_feature_gates(feature_gates(version), extra_feature_gates)
     gate_flags = [f"--feature-gates={','.join(gates)}"] if gates else []
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

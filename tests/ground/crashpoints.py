@@ -11,8 +11,10 @@ variable it is exactly ``gpu-dra``.
 
 With ``GPU_DRA_TEST_CRASH_CLAIM=<uid>`` a point fires only inside a call for that claim (the
 plugin binds ``claim="ns/name:uid"`` in structlog's context vars), so other claims can be
-prepared by the same process first. What it does not do: pick moments
-at random (tests kill from outside for that), or change anything else about the plugin.
+prepared by the same process first.
+
+What it does not do: pick moments at random (tests kill from outside for that), or change
+anything else about the plugin; it lives in tests/, the product carries no crash hook.
 """
 
 from __future__ import annotations

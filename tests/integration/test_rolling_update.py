@@ -31,11 +31,12 @@ from pathlib import Path
 import pytest
 
 from cdi.names import claim_spec_filename
-from driver.checkpoint import PREPARE_COMPLETED, CheckpointStore, PreparedClaim
+from driver.checkpoint import PREPARE_COMPLETED, CheckpointStore, PreparedClaim, PreparedDevice
+from driver.state import DeviceLocks
 from tests.ground.driverroot import make_fake_driver_root
 from tests.ground.kubelet import KubeletEmulator, KubeletError
 from tests.integration.test_daemon import NODE, REPO, Layout
-from tests.integration.test_state import DRIVER, make_claim
+from tests.integration.test_state import DRIVER, build_state, gpu_uuid, make_claim, make_node
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -311,3 +312,53 @@ def test_rolling_updates_under_traffic_lose_no_call_and_prepare_nothing_twice(
             if inst.proc.poll() is None:
                 inst.proc.kill()
                 inst.proc.wait()
+
+
+def test_start_up_sweep_leaves_a_spec_the_other_instance_is_writing(tmp_path: Path) -> None:
+    """The new instance's start-up sweep of the CDI root waits for the GPU locks: a temp file the
+    old instance is writing (under the claim's GPU lock) is neither removed nor later taken for
+    an orphan once its checkpoint entry exists.
+
+    Regression: the sweep once ran without locks and deleted the old instance's in-flight temp
+    file, failing that prepare with FileNotFoundError on the rename.
+    """
+    node = make_node(tmp_path)
+    uid = "uid-inflight"
+    spec = node.spec_path(uid)
+    temp = spec.with_name(f".tmp-{spec.name}-inflight")
+    # The old instance: holding gpu-3's lock, half-way through writing the claim's spec.
+    old_locks = DeviceLocks(tmp_path / "state" / "locks", timeout_s=5.0)
+    with old_locks.hold([gpu_uuid(3)]):
+        node.cdi.root.mkdir(parents=True, exist_ok=True)
+        temp.write_text("{}")
+        new_state = build_state(node)
+        sweep = threading.Thread(target=new_state.reconcile, name="new-instance-reconcile")
+        sweep.start()
+        sweep.join(timeout=1.0)  # gives an unlocked sweep the time to do its damage
+        assert temp.exists(), "the start-up sweep removed a spec temp file while its GPU was locked"
+        # The old instance finishes: rename, then PrepareCompleted.
+        temp.replace(spec)
+        node.checkpoint.put(
+            PreparedClaim(
+                uid=uid,
+                namespace="default",
+                name="claim-x",
+                state=PREPARE_COMPLETED,
+                devices=[
+                    PreparedDevice(
+                        request_names=["gpu"],
+                        pool=NODE,
+                        device="gpu-3",
+                        cdi_device_ids=[f"k8s.{DRIVER}/claim={uid}-gpu-3"],
+                        kind="gpu",
+                        gpu_uuid=gpu_uuid(3),
+                    )
+                ],
+                sharing=[],
+                started_at=1.0,
+                completed_at=2.0,
+            )
+        )
+    sweep.join(timeout=WAIT_S)
+    assert not sweep.is_alive()
+    assert spec.exists(), "the start-up sweep took the old instance's new spec for an orphan"

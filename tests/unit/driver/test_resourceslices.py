@@ -844,6 +844,7 @@ class FakeKube:
         self.canonical = canonical
         self.slices: dict[str, dict[str, Any]] = {}
         self.writes = 0
+        self.dry_runs = 0
         self.calls: list[str] = []
         self.failures: dict[str, list[Exception]] = {}
         self.node_exists = True
@@ -917,8 +918,14 @@ class FakeKube:
             ]
             return items, str(next(self._rv))
 
-    def create_slice(self, resource_slice: dict[str, Any]) -> dict[str, Any]:
+    def create_slice(self, resource_slice: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
         self._maybe_fail("create")
+        if dry_run:
+            with self._lock:
+                self.dry_runs += 1
+                obj = copy.deepcopy(resource_slice)
+                obj["metadata"]["name"] = obj["metadata"].pop("generateName") + "dryrn"
+                return self._store(obj)
         with self._lock:
             self.writes += 1
             obj = copy.deepcopy(resource_slice)
@@ -1105,20 +1112,36 @@ def test_publisher_lays_out_mig_for_the_server_version(publisher_for):
     assert all("sharedCounters" in s["spec"] and "devices" in s["spec"] for s in kube.slices.values())
 
 
-def test_publisher_reports_dropped_fields_once_and_does_not_loop(publisher_for):
+def test_publisher_probes_dropped_fields_before_publishing_counters(publisher_for):
+    """A server that drops counters is found out by a dry run: nothing with counters is ever stored."""
     kube = FakeKube(minor=35, drop=("sharedCounters", "consumesCounters"))
     reported: list[tuple[str, ...]] = []
     publisher = publisher_for(kube, on_dropped_fields=reported.append)
     publisher.start(mig_inventory({0: 0, 1: 1}))
     assert publisher.wait_synced(10)
-    assert reported == [("spec.sharedCounters",), ("spec.devices[].consumesCounters",)]
+    assert reported == [("spec.devices[].consumesCounters", "spec.sharedCounters")]
+    assert kube.dry_runs >= 1
+    assert kube.writes == 0 and not kube.slices
+    # The owner answers with an inventory the server can hold (static MIG, no counters).
+    publisher.update(a100_inventory(2))
+    assert publisher.wait_synced(10)
+    assert len(kube.slices) == 1
+    assert len(reported) == 1
+
+
+def test_publisher_without_owner_adopts_dropped_fields_and_does_not_loop(publisher_for):
+    """With nobody to switch layouts, what the server kept is adopted and never re-sent."""
+    kube = FakeKube(minor=35, drop=("sharedCounters", "consumesCounters"))
+    publisher = publisher_for(kube)
+    publisher.start(mig_inventory({0: 0, 1: 1}))
+    assert publisher.wait_synced(10)
     writes = kube.writes
+    assert writes > 0
     lists = kube.calls.count("list")
     kube.touch_behind_our_back()
     assert wait_for(lambda: kube.calls.count("list") > lists)
     assert publisher.wait_synced(10)
     assert kube.writes == writes
-    assert len(reported) == 2
 
 
 def test_publisher_keeps_quiet_when_the_server_respells_quantities(publisher_for):
