@@ -251,7 +251,7 @@ def test_default_render(helm: Helm) -> None:
     ) == [
         ("", "nodes", ("get",)),
         ("resource.k8s.io", "resourceclaims", ("get",)),
-        ("resource.k8s.io", "resourceslices", ("create", "delete", "get", "list", "update", "watch")),
+        ("resource.k8s.io", "resourceslices", ("create", "delete", "list", "update", "watch")),
     ]
     binding = _one(objs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": "gpu-system"}]

@@ -83,6 +83,8 @@ def cli(node: SimulatedNode, *command: str, kubeconfig: Path | None = None) -> R
         timeout=CLI_TIMEOUT_S,
         check=False,
     )
+    if "-o" not in command:
+        print(f"\n$ gpu-dra {' '.join(command)}  -> {proc.returncode}\n{proc.stdout}{proc.stderr}")
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -328,7 +328,7 @@ def _verb_calls(
 
 
 # Granted although driver/kube.py has no call for it; see the report in the chart's rbac.yaml.
-UNUSED_GRANTS = frozenset({("resourceslices", "get")})
+UNUSED_GRANTS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _until(what: str, probe: Callable[[], bool]) -> None:

@@ -49,7 +49,7 @@ Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 # Granted by the chart although the daemon never calls it (it lists and watches); see rbac.yaml.
 # The test shows the plugin works without it, so the lead can drop it from the chart.
-NOT_USED_BY_THE_DAEMON: frozenset[tuple[str, str]] = frozenset({("resourceslices", "get")})
+NOT_USED_BY_THE_DAEMON: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass
