@@ -1,8 +1,9 @@
 """The node-level debug CLI against a live simulated node: ``gpu-dra doctor|probe|claims|cdi|slices|
 devices|mig|explain`` run as subprocesses with the node's own flags, on the real control plane.
 
-One A100 node (8 GPUs) serves most tests: it holds a plain claim (through a DeviceClass that exists
-only on the API server) and an MPS claim, both prepared by the kubelet emulator. The tests read it
+One A100 node (8 GPUs) serves most tests: it holds a plain claim used by two pods (through a
+DeviceClass that exists only on the API server) and an MPS claim, both prepared by the kubelet
+emulator. The tests read it
 healthy first, then stop the plugin and delete its slice behind its back, then damage CDI specs
 and an MPS daemon - in that order, sharing the node (module-scoped). A one-GPU MIG node shows the
 MIG picture with one 1g.5gb slice held. Every assertion compares the CLI's answer with what the
@@ -11,6 +12,7 @@ plugin, the checkpoint or the API server hold.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -83,8 +85,6 @@ def cli(node: SimulatedNode, *command: str, kubeconfig: Path | None = None) -> R
         timeout=CLI_TIMEOUT_S,
         check=False,
     )
-    if "-o" not in command:
-        print(f"\n$ gpu-dra {' '.join(command)}  -> {proc.returncode}\n{proc.stdout}{proc.stderr}")
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -185,13 +185,18 @@ def a100(factory: NodeFactory, control_plane: ControlPlane) -> Prepared:
             ],
         }
     }
-    docs = [
-        namespace_doc(NS),
-        device_class,
-        *claim_and_pod("plain", NS, node.name, {"devices": {"requests": [gpu_request(CLASS)]}}),
-        *claim_and_pod("mps", NS, node.name, mps),
-    ]
-    return Prepared(node, prepare(factory, node, docs), control_plane.kubeconfig)
+    plain = claim_and_pod("plain", NS, node.name, {"devices": {"requests": [gpu_request(CLASS)]}})
+    # A second consumer of the same claim (scenario 06's shape).
+    second = copy.deepcopy(plain[1])
+    second["metadata"].update(name="plain-2", labels={"app": "plain-2"})
+    docs = [namespace_doc(NS), device_class, *plain, second, *claim_and_pod("mps", NS, node.name, mps)]
+    claims = prepare(factory, node, docs)
+    wait_for(
+        lambda: len((read_claim(node.api, NS, "plain").get("status") or {}).get("reservedFor") or []) == 2,
+        WAIT_S,
+        "both pods to reserve the claim plain",
+    )
+    return Prepared(node, claims, control_plane.kubeconfig)
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +249,10 @@ def test_healthy_node_doctor_probe_claims_cdi_slices(a100: Prepared) -> None:
     assert [(d["device"], d["cdiDeviceIds"]) for d in detail["devices"]] == [(plain_dev, [cdi_id])]
     assert detail["sharing"] == [] and detail["sharingSummary"][0].startswith("none applied")
     assert detail["cdiSpec"]["status"] == "ok"
-    assert [c["name"] for c in detail["consumers"]] == ["plain"], detail["consumersProblem"]
+    assert sorted(c["name"] for c in detail["consumers"]) == ["plain", "plain-2"], detail["consumersProblem"]
     text = cli(node, "claims", a100.uid("plain")).out
-    assert f"claim {NS}/plain" in text and cdi_id in text and "none applied" in text and "pods plain" in text
+    assert f"claim {NS}/plain" in text and cdi_id in text and "none applied" in text
+    assert "pods plain (" in text and "pods plain-2 (" in text
     mps_detail = cli(node, "claims", f"{NS}/mps", "-o", "json").json()
     assert [r["kind"] for r in mps_detail["sharing"]] == ["mps"]
 

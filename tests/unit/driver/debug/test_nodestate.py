@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,9 @@ UID = "0b5c9f4e-1111-4222-8333-444455556666"
 OTHER = "9d8e7f6a-aaaa-4bbb-8ccc-ddddeeeeffff"
 
 
-def claim(uid: str = UID, device: str = "gpu-0", sharing: list[dict] | None = None) -> PreparedClaim:
+def claim(
+    uid: str = UID, device: str = "gpu-0", sharing: list[dict[str, Any]] | None = None
+) -> PreparedClaim:
     return PreparedClaim(
         uid=uid,
         namespace="ns",
@@ -192,3 +195,33 @@ def test_doctor_fails_the_mps_line_for_a_dead_daemon(tmp_path: Path, boot: str, 
     assert checks["CDI specs match the prepared claims"]["ok"]
     assert not checks["registration and DRA sockets answer"]["ok"]
     assert not checks["API server reachable"]["ok"]
+
+
+def test_explain_charges_counters_of_devices_held_by_other_claims() -> None:
+    from driver.debug.commands import topology_node
+    from driver.debug.explain import explain, parse_claim
+
+    node = topology_node("a100-40gb-x1-mig", mig="dynamic")
+    whole = next(d for d in node.devices if d.attributes.get("profile") == "7g.40gb")
+    profile = 'device.attributes["gpu.nvidia.com"].profile == "1g.5gb"'
+    one_g = {
+        "kind": "ResourceClaim",
+        "metadata": {"name": "one"},
+        "spec": {
+            "devices": {
+                "requests": [
+                    {
+                        "name": "m",
+                        "exactly": {
+                            "deviceClassName": "mig.nvidia.com",
+                            "selectors": [{"cel": {"expression": profile}}],
+                        },
+                    }
+                ]
+            }
+        },
+    }
+    claim = parse_claim(one_g)
+    assert explain(claim, node).verdict == "fits"
+    # A 7g.40gb slice held elsewhere uses every memory slice: no 1g.5gb placement is left.
+    assert explain(claim, node, allocated=[whole.key]).verdict == "unschedulable"
