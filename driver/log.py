@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TextIO, cast
 
 import structlog
 
@@ -32,7 +33,7 @@ def configure(log_format: str = "console", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast("TextIO", _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library (urllib3, grpc); send those records through
@@ -40,6 +41,17 @@ def configure(log_format: str = "console", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_ToStructlog()]
     root.setLevel(max(numeric, logging.INFO))
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time (tests and embedders swap it; a captured stream
+    that has since been closed must not break logging)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class _ToStructlog(logging.Handler):

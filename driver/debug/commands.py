@@ -718,6 +718,23 @@ def run_claims(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if view.problem else 0
 
 
+def _shown(
+    run: Callable[[argparse.Namespace, TextIO], int],
+) -> Callable[[argparse.Namespace, TextIO], int]:
+    """Accept both ``claims <claim>`` and ``claims show <claim>`` (likewise for ``cdi``)."""
+
+    def wrapped(args: argparse.Namespace, out: TextIO) -> int:
+        words = list(args.show or [])
+        if words[:1] == ["show"]:
+            words = words[1:]
+        if len(words) > 1:
+            raise SystemExit(f"gpu-dra: name one claim to show, got {words}")
+        args.show = words[0] if words else None
+        return run(args, out)
+
+    return wrapped
+
+
 def run_cdi(args: argparse.Namespace, out: TextIO) -> int:
     from cdi.store import CdiStore
 
@@ -868,15 +885,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         _common(p)
         p.set_defaults(func=_wrap(handler))
 
-    p = subparsers.add_parser("claims", help="prepared claims in the checkpoint")
-    p.add_argument("show", nargs="?", help="uid or ns/name to show in detail")
+    p = subparsers.add_parser("claims", help="prepared claims in the checkpoint; `claims show <uid|ns/name>`")
+    p.add_argument("show", nargs="*", metavar="[show] CLAIM", help="uid or ns/name to show in detail")
     _common(p)
-    p.set_defaults(func=_wrap(run_claims))
+    p.set_defaults(func=_wrap(_shown(run_claims)))
 
-    p = subparsers.add_parser("cdi", help="CDI specs the plugin owns, orphans")
-    p.add_argument("show", nargs="?", help="claim uid whose spec to show")
+    p = subparsers.add_parser("cdi", help="CDI specs the plugin owns, orphans; `cdi show <uid|ns/name>`")
+    p.add_argument("show", nargs="*", metavar="[show] CLAIM", help="claim whose spec to show")
     _common(p)
-    p.set_defaults(func=_wrap(run_cdi))
+    p.set_defaults(func=_wrap(_shown(run_cdi)))
 
     for name, handler, helptext in (
         ("doctor", run_doctor, "checklist of the node plugin's health"),

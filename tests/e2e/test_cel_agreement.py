@@ -29,7 +29,9 @@ DECIDE_TIMEOUT_S = 180.0
 SETTLE_S = 3.0
 
 
-def _create_classes(custom: Any) -> None:
+def _create_classes(custom: Any) -> list[str]:
+    """Create the built-in classes that do not exist yet; return the names created (to delete after)."""
+    created: list[str] = []
     for name, selectors in BUILTIN_CLASSES.items():
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -41,6 +43,30 @@ def _create_classes(custom: Any) -> None:
             custom.create_cluster_custom_object(GROUP, VERSION, "deviceclasses", body)
         except ApiException as exc:
             if exc.status != 409:
+                raise
+        else:
+            created.append(name)
+    return created
+
+
+def _clean_up(core: Any, custom: Any, namespace: str, nodes: list[str], classes: list[str]) -> None:
+    """Leave the shared control plane as found: other tests install the chart's own DeviceClasses."""
+    for name in classes:
+        try:
+            custom.delete_cluster_custom_object(GROUP, VERSION, "deviceclasses", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    core.delete_namespace(namespace, grace_period_seconds=0)
+    ours = set(nodes)
+    for item in custom.list_cluster_custom_object(GROUP, VERSION, "resourceslices")["items"]:
+        if item["spec"].get("nodeName") in ours:
+            custom.delete_cluster_custom_object(GROUP, VERSION, "resourceslices", item["metadata"]["name"])
+    for node in nodes:
+        try:
+            core.delete_node(node)
+        except ApiException as exc:
+            if exc.status != 404:
                 raise
 
 
@@ -81,11 +107,26 @@ def test_explain_agrees_with_scheduler(control_plane: ControlPlane):
     run = uuid.uuid4().hex[:6]
     namespace = f"cel-{run}"
     control_plane.create_namespace(namespace)
-    _create_classes(custom)
+    classes = _create_classes(custom)
+    nodes: dict[str, str] = {}
+    try:
+        _agree(control_plane, core, custom, namespace=namespace, run=run, cases=cases, nodes=nodes)
+    finally:
+        _clean_up(core, custom, namespace, list(nodes.values()), classes)
 
+
+def _agree(
+    control_plane: ControlPlane,
+    core: Any,
+    custom: Any,
+    *,
+    namespace: str,
+    run: str,
+    cases: list[Case],
+    nodes: dict[str, str],
+) -> None:
     ours: dict[str, str] = {}
     why: dict[str, str] = {}
-    nodes: dict[str, str] = {}
     for i, case in enumerate(cases):
         node = f"cel-{run}-{i}"
         nodes[case.name] = node

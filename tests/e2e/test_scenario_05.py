@@ -114,7 +114,12 @@ def test_job_lands_on_an_a100_80gb(node_factory: NodeFactory, kubelet: tuple[str
 
     # The trainer finishes: the kubelet unprepares the claim of the completed pod.
     big.emulator.complete_pod(NS, pod["metadata"]["name"])
-    wait_for(lambda: uid not in big.checkpoint(), WAIT_S, "the finished Job's claim to be unprepared")
+    # The emulator records a call once the answer is back; the checkpoint changes before that.
+    unprepares = wait_for(
+        lambda: [c for c in big.emulator.calls if c.method == UNPREPARE],
+        WAIT_S,
+        "the kubelet to unprepare the finished Job's claim",
+    )
+    assert uid not in big.checkpoint()
     assert big.cdi_spec(uid) is None
-    unprepares = [c for c in big.emulator.calls if c.method == UNPREPARE]
     assert [(c.claims, c.error) for c in unprepares] == [(((NS, uid, claim_name),), "")]

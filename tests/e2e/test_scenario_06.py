@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from driver.inventory import DRIVER_NAME
+from tests.e2e.test_debug_cli import cli
 from tests.ground.kubelet import KUBELET_132_SERVICES, KUBELET_134_SERVICES, PREPARE, UNPREPARE
 from tests.ground.node import (
     NodeFactory,
@@ -84,6 +85,14 @@ def test_two_pods_share_one_prepared_gpu(node_factory: NodeFactory, kubelet: tup
     assert [d.cdi_device_ids for d in recorded[uid].devices] == [[cdi_id]]
     assert recorded[uid].sharing == []
     assert h100.cdi_spec(uid) is not None
+
+    # The debug CLI on the node shows the claim, its two consumers with their device, no sharing.
+    shown = cli(h100, "claims", "show", f"{NS}/{CLAIM}", "-o", "json")
+    assert shown.rc == 0, shown.err
+    detail = shown.json()
+    assert [d["cdiDeviceIds"] for d in detail["devices"]] == [[cdi_id]]
+    assert detail["sharing"] == []
+    assert {c["uid"] for c in detail["consumers"]} == reserved
 
     # The first pod goes: the claim stays prepared for the second.
     node_factory.delete([pod_objects["qwen-inference"]])
