@@ -1,1 +1,4 @@
-"""CDI (Container Device Interface) specs: model, names, atomic store, edit builders. No NVML, no Kubernetes."""
+"""CDI (Container Device Interface) specs: model, names, atomic store, edit builders.
+
+No NVML, no Kubernetes: the lowest layer, which every other package may import.
+"""
