@@ -26,7 +26,6 @@ from driver.inventory import DRIVER_NAME
 from driver.nvml.backend import Nvml
 from driver.nvml.fakemig import cap_minor_for
 from driver.nvml.fakestate import FakeState
-from driver.nvml.mig import NvmlMigBackend
 from mig.spec import ParsedMigName, parse_name
 from tests.e2e.test_scenario_02 import (
     NS,
@@ -297,71 +296,6 @@ def test_mps_on_a_dynamic_mig_device(node_factory: NodeFactory) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-# ---------------------------------------------------------------------------------------------
-# static MIG fallback (1.34 without DRAPartitionableDevices)
-
-FALLBACK_VERSION = "v1.34.4"
-FALLBACK_LOG = "publishing existing MIG devices (static MIG)"
-
-
-def _partitionable_devices_enabled(node_factory: NodeFactory) -> bool | None:
-    """The API server's DRAPartitionableDevices gate from its /metrics (None when not reported)."""
-    caller: Any = node_factory.api.call_api
-    resp = caller(
-        "/metrics",
-        "GET",
-        header_params={"Accept": "text/plain"},
-        auth_settings=["BearerToken"],
-        _preload_content=False,
-        _return_http_data_only=True,
-    )
-    text: str = resp.data.decode()
-    for line in text.splitlines():
-        if line.startswith("kubernetes_feature_enabled") and 'name="DRAPartitionableDevices"' in line:
-            return line.rsplit(" ", 1)[1].strip() == "1"
-    return None
-
-
-@pytest.mark.skipif(
-    os.environ.get("GPU_DRA_K8S_VERSION") != FALLBACK_VERSION,
-    reason=(
-        f"needs a {FALLBACK_VERSION} control plane without the DRAPartitionableDevices gate "
-        f"(GPU_DRA_K8S_VERSION={FALLBACK_VERSION}, gate off in tests/ground/controlplane.py); the "
-        "primary control plane keeps partitionable-device fields, so there is nothing to fall back from"
-    ),
-)
-def test_static_fallback_without_partitionable_devices(node_factory: NodeFactory) -> None:
-    if _partitionable_devices_enabled(node_factory) is not False:
-        pytest.skip(
-            f"the {FALLBACK_VERSION} API server runs with DRAPartitionableDevices on; start it with the "
-            "gate off to see the static MIG fallback"
-        )
-    node = node_factory(NODE, TOPOLOGY, start=False)
-    allow_mig_gpus(node)
-    nvml = seed_fake_state(node)
-    try:
-        # A MIG device an admin made before the plugin started: static MIG publishes exactly it.
-        backend = NvmlMigBackend(nvml)
-        (gpu,) = node.gpu_state()
-        gi_id = backend.create_gi(gpu, 9, 4)  # 3g.20gb at placement 4
-        _, mig_uuid = backend.create_ci(gpu, gi_id)
-    finally:
-        nvml.shutdown()
-    node.start()
-
-    def fell_back() -> list[dict[str, Any]] | None:
-        names = [
-            d
-            for s in node.slices()
-            if s["spec"]["driver"] == DRIVER_NAME
-            for d in s["spec"].get("devices") or []
-        ]
-        return names if [d["name"] for d in names] == ["gpu-0-mig-3g20gb-9-4"] else None
-
-    (device,) = await_on(node, fell_back, "the plugin to republish the existing MIG device only")
-    assert device["attributes"]["uuid"] == {"string": mig_uuid}
-    assert not device.get("consumesCounters")
-    for s in node.slices():
-        assert not s["spec"].get("sharedCounters"), s
-    said = [e for e in node.plugin_events() if FALLBACK_LOG in str(e.get("event", ""))]
-    assert len(said) == 1, said
+# The scenario's last bullet (static fallback where the API server drops partitionable-device
+# fields) is proven in tests/e2e/test_static_fallback.py, on a control plane started with
+# DRAPartitionableDevices off.

@@ -34,38 +34,25 @@ done_stamp() {
   [[ -f "$1/.built" && "$(cat "$1/.built")" == "$2" ]]
 }
 
-build_k8s() {
-  local ver=$1
-  local dir="$cache/k8s-$ver" key="k8s=$ver etcd=k8s-pinned version-stamped script=4"
-  if done_stamp "$dir" "$key"; then say "kubernetes $ver: cached in $dir/bin"; return; fi
-  say "kubernetes $ver: building etcd, kube-apiserver, kube-scheduler, kube-controller-manager (cold: ~6 min on 2 cores, warm Go cache: ~1 min)"
-  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src/cmd/etcd" "$dir/bin"
-  local minor=${ver#v1.}
-  local staging_ver="v0.${minor}"
+# k8s_module VER DIR: write DIR/go.mod (k8s.io/kubernetes VER, its staging modules at their published
+# tags, etcd at the server version Kubernetes itself requires) and DIR/cmd/etcd; print the etcd version.
+k8s_module() {
+  local ver=$1 dir=$2
+  local gomod gover etcd_ver
   # k8s.io/kubernetes names its staging modules at v0.0.0 with local replaces; point them at the
   # published tags of the same release instead.
-  local gomod
   gomod=$(go mod download -json "k8s.io/kubernetes@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-  local gover etcd_ver
   gover=$(awk '$1=="go"{print $2; exit}' "$gomod")
-  # etcd is built at the server version Kubernetes itself requires, so that neither the
-  # apiserver's etcd client nor anything else drifts from the release.
   etcd_ver=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2; exit}' "$gomod")
   [[ -n $etcd_ver ]] || { echo "k8s.io/kubernetes@$ver go.mod names no go.etcd.io/etcd/server/v3; cannot pin etcd" >&2; exit 1; }
+  mkdir -p "$dir/cmd/etcd"
   {
-    echo "module gpudra.local/peers/k8s"
-    echo
-    echo "go $gover"
-    echo
-    echo "require ("
-    echo "	k8s.io/kubernetes $ver"
-    echo "	go.etcd.io/etcd/server/v3 $etcd_ver"
-    echo ")"
-    echo
+    printf 'module gpudra.local/peers/k8s\n\ngo %s\n\nrequire (\n\tk8s.io/kubernetes %s\n\tgo.etcd.io/etcd/server/v3 %s\n)\n\n' \
+      "$gover" "$ver" "$etcd_ver"
     grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" \
-      | awk -v v="$staging_ver" '{print "replace " $1 " => " $1 " " v}'
-  } >"$dir/src/go.mod"
-  cat >"$dir/src/cmd/etcd/main.go" <<'GO'
+      | awk -v v="v0.${ver#v1.}" '{print "replace " $1 " => " $1 " " v}'
+  } >"$dir/go.mod"
+  cat >"$dir/cmd/etcd/main.go" <<'GO'
 // Command etcd is etcd's server entry point, built at the version Kubernetes pins.
 package main
 
@@ -77,12 +64,23 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GO
+  (cd "$dir" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
+    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" \
+    >"$dir/get.log" 2>&1) || { cat "$dir/get.log" >&2; exit 1; }
+  echo "$etcd_ver"
+}
+
+build_k8s() {
+  local ver=$1
+  local dir="$cache/k8s-$ver" key="k8s=$ver etcd=k8s-pinned version-stamped script=4"
+  if done_stamp "$dir" "$key"; then say "kubernetes $ver: cached in $dir/bin"; return; fi
+  say "kubernetes $ver: building etcd, kube-apiserver, kube-scheduler, kube-controller-manager (cold: ~6 min on 2 cores, warm Go cache: ~1 min)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  say "kubernetes $ver: resolving modules"
+  local etcd_ver
+  etcd_ver=$(k8s_module "$ver" "$dir/src")
   (
     cd "$dir/src"
-    say "kubernetes $ver: resolving modules (etcd $etcd_ver)"
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
-      "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" \
-      >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
     local got
     got=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
     [[ $got == "$etcd_ver" ]] || { echo "etcd resolved to $got, want $etcd_ver" >&2; exit 1; }
@@ -107,23 +105,13 @@ GO
 
 # k8s_resolve VER: only writes and tidies the go.mod for VER (no build); proves a version is buildable.
 k8s_resolve() {
-  local ver=$1 tmp
+  local ver=$1 tmp etcd_ver
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
-  local gomod gover etcd_ver
-  gomod=$(go mod download -json "k8s.io/kubernetes@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
-  gover=$(awk '$1=="go"{print $2; exit}' "$gomod")
-  etcd_ver=$(awk '$1=="go.etcd.io/etcd/server/v3"{print $2; exit}' "$gomod")
-  {
-    printf 'module gpudra.local/peers/k8s\n\ngo %s\n\nrequire (\n\tk8s.io/kubernetes %s\n\tgo.etcd.io/etcd/server/v3 %s\n)\n\n' "$gover" "$ver" "$etcd_ver"
-    grep -E '^\s+k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="v0.${ver#v1.}" '{print "replace " $1 " => " $1 " " v}'
-  } >"$tmp/go.mod"
-  mkdir -p "$tmp/cmd/etcd"
-  printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' >"$tmp/cmd/etcd/main.go"
-  (cd "$tmp" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
-    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" >/dev/null 2>&1 && go list -deps k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-scheduler \
+  etcd_ver=$(k8s_module "$ver" "$tmp")
+  (cd "$tmp" && go list -deps k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-scheduler \
     k8s.io/kubernetes/cmd/kube-controller-manager ./cmd/etcd >/dev/null)
-  say "kubernetes $ver: go.mod resolves (go $gover, etcd $etcd_ver)"
+  say "kubernetes $ver: go.mod resolves (etcd $etcd_ver)"
 }
 
 build_helm() {
