@@ -15,7 +15,7 @@ This module does not decode configs (``sharing.config``) nor run the tools (``sh
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class GpuSharing:
         claim: Claim,
         devices: Sequence[AllocatableDevice],
         live: Mapping[str, MigLive] | None = None,
+        intend: Callable[[dict[str, Any]], None] | None = None,
     ) -> SharingOutcome:
         """Apply the sharing of every config group of ``claim``.
 
@@ -61,6 +62,9 @@ class GpuSharing:
             claim: the ResourceClaim (v1 JSON shape).
             devices: the claim's devices of this driver.
             live: MIG devices created for this claim, by device name (their MIG UUIDs).
+            intend: told the undo record of a time slice before it is set (the caller records it,
+                so a crash right after the change is still rolled back; MPS keeps its own record
+                in the group directory).
 
         Raises:
             PermanentClaimError: a config is invalid or does not fit these devices.
@@ -73,7 +77,7 @@ class GpuSharing:
         try:
             for group in groups:
                 members = [by_name[str(r.get("device"))] for r in group.results if r.get("device") in by_name]
-                record, group_edits = self._apply_group(claim_uid, group, members, live or {})
+                record, group_edits = self._apply_group(claim_uid, group, members, live or {}, intend)
                 if record is not None:
                     records.append(record)
                 for name in group_edits:
@@ -107,6 +111,7 @@ class GpuSharing:
         group: ConfigGroup,
         members: Sequence[AllocatableDevice],
         live: Mapping[str, MigLive],
+        intend: Callable[[dict[str, Any]], None] | None,
     ) -> tuple[dict[str, Any] | None, dict[str, ContainerEdits]]:
         config = group.config
         if config is None or not members:
@@ -116,9 +121,12 @@ class GpuSharing:
             gpus = sorted({d.gpu_uuid for d in members if d.kind == "gpu"})
             if not gpus:
                 return None, {}  # time-slicing has no effect on MIG devices, as with NVIDIA's driver
+            record = {"kind": TIMESLICE, "gpus": gpus, "level": interval.level}
+            if intend is not None:
+                intend(record)
             self._timeslicer.apply(gpus, interval)
             log.info("time-slicing applied", gpus=gpus, interval=interval.interval)
-            return {"kind": TIMESLICE, "gpus": gpus, "level": interval.level}, {}
+            return record, {}
         mps = config.mps()
         if mps is None:
             return None, {}  # no sharing: the device is used as it is, nothing on the GPU changes

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -247,7 +247,15 @@ class DeviceState:
             # by their live ids and not only by placement.
             self._put(replace(started, devices=devices))
         created = {d.device: live for d in devices if (live := mig_live(d.mig)) is not None}
-        outcome = self.sharing.apply(uid, claim, [p.device for p in planned], created)
+        intended: list[dict[str, Any]] = []
+
+        def intend(record: dict[str, Any]) -> None:
+            # A sharing change the GPU keeps (a time slice) is recorded before it is made, so a
+            # crash between the change and the next checkpoint write is still rolled back.
+            intended.append(record)
+            self._put(replace(started, devices=devices, sharing=list(intended)))
+
+        outcome = self.sharing.apply(uid, claim, [p.device for p in planned], created, intend)
         if outcome.records:
             self._put(replace(started, devices=devices, sharing=list(outcome.records)))
         self._write_cdi_spec(uid, devices, planned, outcome.edits)
@@ -658,8 +666,12 @@ class SharingAction(Protocol):
         claim: Claim,
         devices: Sequence[AllocatableDevice],
         live: Mapping[str, MigLive] | None = None,
+        intend: Callable[[dict[str, Any]], None] | None = None,
     ) -> SharingOutcome:
         """Apply sharing for the claim's config groups (``live``: MIG devices created for it).
+
+        ``intend(record)`` is called with the undo record of a change before the change is made;
+        the caller makes it durable.
 
         Raises:
             ClaimError: a config is invalid or cannot be applied.
@@ -686,6 +698,7 @@ class NoSharing:
         claim: Claim,
         devices: Sequence[AllocatableDevice],
         live: Mapping[str, MigLive] | None = None,
+        intend: Callable[[dict[str, Any]], None] | None = None,
     ) -> SharingOutcome:
         from sharing.config import resolve_groups
         from sharing.errors import ConfigError as SharingConfigError

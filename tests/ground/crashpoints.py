@@ -66,6 +66,7 @@ POINTS: dict[str, CrashPoint] = {
     "after-mig-record": CrashPoint(_CP, "CheckpointStore", "put", "after", _started_with_mig),
     "mps-after-launch": CrashPoint(_MPS, "MpsManager", "_launch", "after"),
     "mps-after-ready": CrashPoint(_MPS, "MpsManager", "_wait_ready", "after"),
+    "ts-after-apply": CrashPoint("sharing.timeslicing", "TimeSlicer", "apply", "after"),
     "after-sharing": CrashPoint("driver.gpusharing", "GpuSharing", "apply", "after"),
     "after-cdi": CrashPoint(_CDI, "CdiStore", "write_claim_spec", "after"),
     "before-complete": CrashPoint(_CP, "CheckpointStore", "put", "before", _completed),

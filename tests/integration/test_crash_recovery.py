@@ -48,6 +48,19 @@ MIG_TOPOLOGY = "a100-40gb-x1-mig"
 KEEP_MIG = "gpu-0-mig-1g5gb-19-0"  # a completed claim that every crash must leave alone
 TARGET_MIG = "gpu-0-mig-2g10gb-14-4"
 
+TIMESLICE_CONFIG = {
+    "source": "FromClaim",
+    "requests": [],
+    "opaque": {
+        "driver": DRIVER,
+        "parameters": {
+            "apiVersion": "resource.nvidia.com/v1beta1",
+            "kind": "GpuConfig",
+            "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}},
+        },
+    },
+}
+
 MPS_CONFIG = {
     "source": "FromClaim",
     "requests": [],
@@ -575,6 +588,27 @@ def test_mps_prepare_killed_before_completion_is_rolled_back(nodes: Callable[...
     plugin.unprepare(claim)
     assert node.compute_modes() == {"DEFAULT"}
     assert [p for p in node.mps_daemon_pids() if alive(p)] == []
+    plugin.stop()
+
+
+@pytest.mark.parametrize("point", ["ts-after-apply", "after-sharing"])
+def test_time_slice_set_by_an_interrupted_prepare_is_reset(nodes: Callable[..., Node], point: str) -> None:
+    """kill -9 right after the time slice was set: the record written before the change lets the
+    restarted plugin's rollback restore the GPU's default time slice."""
+    node = nodes("a100-40gb-x8", mps=True)
+    claim = node.put(claim_for("uid-ts", "gpu-3", [TIMESLICE_CONFIG]))
+    node.start(crash_at=point).wait_ready().call_into_crash("prepare", claim, point)
+    assert 3 in {g.get("timeslice") for g in node.gpus().values()}  # the crash left it set
+
+    plugin = node.start().wait_ready()
+    assert {g.get("timeslice", 0) for g in node.gpus().values()} == {0}
+    assert node.compute_modes() == {"DEFAULT"}
+    assert node.assert_consistent() == {}
+
+    plugin.prepare(claim)
+    assert 3 in {g.get("timeslice") for g in node.gpus().values()}
+    plugin.unprepare(claim)
+    assert {g.get("timeslice", 0) for g in node.gpus().values()} == {0}
     plugin.stop()
 
 

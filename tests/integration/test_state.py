@@ -417,7 +417,12 @@ class FakeSharing:
         self.undone: list[str] = []
 
     def apply(
-        self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice], live=None
+        self,
+        claim_uid: str,
+        claim: Mapping[str, Any],
+        devices: Sequence[AllocatableDevice],
+        live=None,
+        intend=None,
     ) -> SharingOutcome:
         return SharingOutcome(
             records=({"claim": claim_uid, "gpus": [d.gpu_uuid for d in devices]},),
@@ -528,7 +533,12 @@ class BlockingSharing(FakeSharing):
         self.release = threading.Event()
 
     def apply(
-        self, claim_uid: str, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice], live=None
+        self,
+        claim_uid: str,
+        claim: Mapping[str, Any],
+        devices: Sequence[AllocatableDevice],
+        live=None,
+        intend=None,
     ) -> SharingOutcome:
         if any(d.name == "gpu-0" for d in devices):
             self.entered.set()
