@@ -397,8 +397,9 @@ def _check_counters(where: str, what: str, counters: object) -> None:
         _check_quantity(where, f"{what} counter {counter!r}", holder)
 
 
-def _uses_extended_device_limit(device: Mapping[str, Any]) -> bool:
-    if device.get("taints") or device.get("consumesCounters"):
+def _uses_extended_device_limit(device: Mapping[str, Any], server_minor: int = NEWEST_KNOWN_MINOR) -> bool:
+    # Taints joined the 64-device rule in 1.35; counters (and list values) count on 1.34 already.
+    if device.get("consumesCounters") or (device.get("taints") and server_minor >= SPLIT_LAYOUT_MIN_MINOR):
         return True
     attributes = device.get("attributes") or {}
     return any(
@@ -529,8 +530,49 @@ def validate_slice(resource_slice: Mapping[str, Any], server_minor: int = NEWEST
     counter_sets = spec.get("sharedCounters") or []
     if devices and counter_sets and server_minor >= SPLIT_LAYOUT_MIN_MINOR:
         raise _fail(where, "only one of spec.devices and spec.sharedCounters may be set (Kubernetes >= 1.35)")
-    _check_devices(where, devices, spec.get("perDeviceNodeSelection") is True)
-    _check_shared_counters(where, counter_sets)
+    _check_devices(where, devices, spec.get("perDeviceNodeSelection") is True, server_minor)
+    _check_shared_counters(where, counter_sets, server_minor)
+    if server_minor < SPLIT_LAYOUT_MIN_MINOR:
+        _check_alpha_counter_totals(where, devices, counter_sets)
+
+
+# Kubernetes 1.34 (partitionable devices alpha) limits counters per slice in total, not per set.
+ALPHA_MAX_SHARED_COUNTERS_PER_SLICE = 32
+ALPHA_MAX_COUNTERS_PER_DEVICE = 32
+ALPHA_MAX_DEVICE_COUNTERS_PER_SLICE = 1024
+
+
+def _check_alpha_counter_totals(where: str, devices: Sequence[Any], counter_sets: Sequence[Any]) -> None:
+    """The pre-1.35 totals: shared counters summed over all sets, and counters consumed by devices."""
+    shared = sum(len((c or {}).get("counters") or {}) for c in counter_sets if isinstance(c, Mapping))
+    if shared > ALPHA_MAX_SHARED_COUNTERS_PER_SLICE:
+        raise _fail(
+            where,
+            f"has {shared} shared counters in all its sets, more than the "
+            f"{ALPHA_MAX_SHARED_COUNTERS_PER_SLICE} a Kubernetes < 1.35 API server allows per slice",
+        )
+    in_slice = 0
+    for device in devices:
+        if not isinstance(device, Mapping):
+            continue
+        used = sum(
+            len((c or {}).get("counters") or {})
+            for c in device.get("consumesCounters") or []
+            if isinstance(c, Mapping)
+        )
+        if used > ALPHA_MAX_COUNTERS_PER_DEVICE:
+            raise _fail(
+                where,
+                f"device {device.get('name')!r} consumes {used} counters, more than the "
+                f"{ALPHA_MAX_COUNTERS_PER_DEVICE} a Kubernetes < 1.35 API server allows",
+            )
+        in_slice += used
+    if in_slice > ALPHA_MAX_DEVICE_COUNTERS_PER_SLICE:
+        raise _fail(
+            where,
+            f"devices consume {in_slice} counters in total, more than the "
+            f"{ALPHA_MAX_DEVICE_COUNTERS_PER_SLICE} a Kubernetes < 1.35 API server allows per slice",
+        )
 
 
 def _check_metadata(where: str, metadata: Mapping[str, Any]) -> None:
@@ -563,10 +605,10 @@ def _check_pool_field(where: str, pool: object) -> None:
         raise _fail(where, f"spec.pool.resourceSliceCount must be an integer > 0, got {count!r}")
 
 
-def _check_devices(where: str, devices: Sequence[Any], per_device: bool) -> None:
+def _check_devices(where: str, devices: Sequence[Any], per_device: bool, server_minor: int) -> None:
     limit = (
         MAX_DEVICES_PER_SLICE_WITH_COUNTERS
-        if any(isinstance(d, Mapping) and _uses_extended_device_limit(d) for d in devices)
+        if any(isinstance(d, Mapping) and _uses_extended_device_limit(d, server_minor) for d in devices)
         else MAX_DEVICES_PER_SLICE
     )
     if len(devices) > limit:
@@ -584,8 +626,8 @@ def _check_devices(where: str, devices: Sequence[Any], per_device: bool) -> None
         names.add(device["name"])
 
 
-def _check_shared_counters(where: str, counter_sets: Sequence[Any]) -> None:
-    if len(counter_sets) > MAX_COUNTER_SETS_PER_SLICE:
+def _check_shared_counters(where: str, counter_sets: Sequence[Any], server_minor: int) -> None:
+    if len(counter_sets) > MAX_COUNTER_SETS_PER_SLICE and server_minor >= SPLIT_LAYOUT_MIN_MINOR:
         raise _fail(
             where,
             f"has {len(counter_sets)} sharedCounters sets, more than the "

@@ -133,10 +133,13 @@ def topology_inventory(topology: str, node: str = "simulated-node", mig: str | N
         return discover(nvml, node, sysfs_root=None, mig_hook=_mig_hook(nvml, mig))
 
 
-def inventory_slices(inventory: Inventory, node: str, driver: str = DRIVER_NAME) -> list[JsonDict]:
+def inventory_slices(
+    inventory: Inventory, node: str, driver: str = DRIVER_NAME, server_minor: int = SERVER_MINOR
+) -> list[JsonDict]:
+    """The ResourceSlices ``inventory`` is published as, laid out for that API server version."""
     from driver.resourceslices import build_slices
 
-    return build_slices(inventory, node, driver, "", SERVER_MINOR)
+    return build_slices(inventory, node, driver, "", server_minor)
 
 
 def topology_node(topology: str, node: str = "simulated-node", mig: str | None = None) -> NodeDevices:

@@ -127,11 +127,12 @@ def _agree(
 ) -> None:
     ours: dict[str, str] = {}
     why: dict[str, str] = {}
+    minor = int(control_plane.version.lstrip("v").split(".")[1])
     for i, case in enumerate(cases):
         node = f"cel-{run}-{i}"
         nodes[case.name] = node
         control_plane.create_node(node)
-        slices = node_slices(case.node, node)
+        slices = node_slices(case.node, node, server_minor=minor)
         for s in slices:
             custom.create_cluster_custom_object(GROUP, VERSION, "resourceslices", s)
         exp = explain(parse_claim(case.claim(namespace)), node_from_slices(slices))

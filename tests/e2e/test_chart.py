@@ -192,8 +192,19 @@ def test_rendered_objects_are_accepted_by_the_api_server(
         # unknown at this version, and the plugin or the cluster would not get what the chart says.
         if obj["kind"] in ("DeviceClass", "ValidatingAdmissionPolicy", "ClusterRole"):
             for key in ("spec", "rules"):
-                if key in obj:
-                    assert _subset(obj[key], applied[key]), f"server dropped fields of {obj['kind']}.{key}"
+                if key not in obj:
+                    continue
+                want = obj[key]
+                if obj["kind"] == "DeviceClass" and _minor(helm.kube_version) < 36 and key == "spec":
+                    # Before 1.36 DRAExtendedResource is off: a forced mapping is dropped, as the
+                    # values documentation says ("auto" does not render it there).
+                    want = {k: v for k, v in want.items() if k != "extendedResourceName"}
+                    assert "extendedResourceName" not in applied[key]
+                assert _subset(want, applied[key]), f"server dropped fields of {obj['kind']}.{key}"
+
+
+def _minor(version: str) -> int:
+    return int(version.lstrip("v").split(".")[1])
 
 
 def _subset(want: Any, got: Any) -> bool:

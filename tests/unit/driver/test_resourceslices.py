@@ -1289,3 +1289,21 @@ def test_v1beta1_slices_nest_device_fields_in_basic_and_come_back_flat():
     back = slice_from_version(wire, "v1beta1")
     assert back == s
     assert slice_to_version(s, "v1beta2")["spec"] == s["spec"]
+
+
+def test_kubernetes_134_limits_counters_per_slice_not_per_set():
+    """1.34 sums shared counters over all sets (32) and counters consumed per device (32)."""
+    two_sets = counters_slice(2, 20)
+    validate_slice(two_sets, server_minor=36)
+    with pytest.raises(SliceValidationError, match=r"40 shared counters .* 32 a Kubernetes < 1.35"):
+        validate_slice(two_sets, server_minor=34)
+    greedy = valid_slice()
+    greedy["spec"]["sharedCounters"] = [
+        {"name": "set-a", "counters": {f"c{j}": {"value": "1"} for j in range(20)}},
+    ]
+    greedy["spec"]["devices"][0]["consumesCounters"] = [
+        {"counterSet": "set-a", "counters": {f"c{j}": {"value": "1"} for j in range(20)}},
+        {"counterSet": "set-b", "counters": {f"d{j}": {"value": "1"} for j in range(13)}},
+    ]
+    with pytest.raises(SliceValidationError, match=r"consumes 33 counters"):
+        validate_slice(greedy, server_minor=34)

@@ -73,5 +73,5 @@ def node_inventory(kind: str) -> Inventory:
     return Inventory(devices=a100.devices + renamed)
 
 
-def node_slices(kind: str, node_name: str) -> list[dict[str, Any]]:
-    return inventory_slices(node_inventory(kind), node_name)
+def node_slices(kind: str, node_name: str, server_minor: int = 36) -> list[dict[str, Any]]:
+    return inventory_slices(node_inventory(kind), node_name, server_minor=server_minor)
