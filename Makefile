@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 SRC := driver cdi mig sharing tests benchmarks
 
-.PHONY: all venv peers proto verify-proto lint fmt typecheck check test test-fast demo bench clean
+.PHONY: all venv peers proto verify-proto lint fmt typecheck check test test-fast test-k8s demo bench clean
 
 all: test
 
@@ -46,6 +46,10 @@ test: venv peers check
 
 test-fast: venv  ## unit + integration only, no Go peers
 	$(BIN)/python -m pytest tests -m "not e2e and not mocknvml"
+
+test-k8s: venv peers  ## the e2e tests against another Kubernetes release: make test-k8s K8S_VERSION=v1.34.4
+	K8S_VERSION=$(K8S_VERSION) tests/peers/build.sh k8s
+	$(BIN)/python -m pytest tests/e2e --k8s-version $(K8S_VERSION)
 
 demo: venv peers  ## a simulated 8x A100 node against the local control plane
 	$(BIN)/python -m tests.ground.demo $(DEMO_ARGS)
