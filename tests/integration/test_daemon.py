@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,9 +89,10 @@ class Layout:
         path.write_text(json.dumps(claim))
 
 
-@pytest.fixture
-def layout() -> Iterator[Layout]:
-    base = Path(tempfile.mkdtemp(prefix="gdd-", dir="/tmp"))  # short: Unix socket path limit
+@contextlib.contextmanager
+def temp_layout(prefix: str, gpus: int = 8) -> Iterator[Layout]:
+    """Directories for one daemon node under a short /tmp path (Unix socket path limit)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     lay = Layout(
         base=base,
         registry=base / "reg",
@@ -100,9 +102,17 @@ def layout() -> Iterator[Layout]:
         driver_root=base / "drv",
     )
     lay.registry.mkdir()
-    make_fake_driver_root(lay.driver_root, range(8))
-    yield lay
-    shutil.rmtree(base, ignore_errors=True)
+    make_fake_driver_root(lay.driver_root, range(gpus))
+    try:
+        yield lay
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def layout() -> Iterator[Layout]:
+    with temp_layout("gdd-") as lay:
+        yield lay
 
 
 def start(layout: Layout, *extra: str) -> subprocess.Popen[str]:

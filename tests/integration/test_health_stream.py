@@ -33,7 +33,7 @@ from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.nvml.fakestate import FakeState
 from mig.spec import MigLive, MigSpec
-from tests.integration.test_daemon import Layout, start, stop, wait_for_socket
+from tests.integration.test_daemon import Layout, start, stop, temp_layout, wait_for_socket
 from tests.integration.test_state import DRIVER, NODE, gpu_inventory, gpu_uuid, make_node
 
 API = {
@@ -234,21 +234,8 @@ def test_getinfo_advertises_health_after_the_dra_services(plugin: Plugin) -> Non
 
 @pytest.fixture
 def mig_layout() -> Iterator[Layout]:
-    from tests.ground.driverroot import make_fake_driver_root
-
-    base = Path(tempfile.mkdtemp(prefix="ghd-", dir="/tmp"))
-    lay = Layout(
-        base=base,
-        registry=base / "reg",
-        plugins=base / "plug",
-        cdi=base / "cdi",
-        claims=base / "claims",
-        driver_root=base / "drv",
-    )
-    lay.registry.mkdir()
-    make_fake_driver_root(lay.driver_root, range(1))
-    yield lay
-    shutil.rmtree(base, ignore_errors=True)
+    with temp_layout("ghd-", gpus=1) as lay:
+        yield lay
 
 
 def test_daemon_streams_health_of_mig_devices(mig_layout: Layout) -> None:

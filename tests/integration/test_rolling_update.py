@@ -18,10 +18,8 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,9 +31,8 @@ import pytest
 from cdi.names import claim_spec_filename
 from driver.checkpoint import PREPARE_COMPLETED, CheckpointStore, PreparedClaim, PreparedDevice
 from driver.state import DeviceLocks
-from tests.ground.driverroot import make_fake_driver_root
 from tests.ground.kubelet import KubeletEmulator, KubeletError
-from tests.integration.test_daemon import NODE, REPO, Layout
+from tests.integration.test_daemon import NODE, REPO, Layout, temp_layout
 from tests.integration.test_state import DRIVER, build_state, gpu_uuid, make_claim, make_node
 
 pytestmark = pytest.mark.timeout(240)
@@ -197,19 +194,8 @@ class Traffic:
 
 @pytest.fixture
 def layout() -> Iterator[Layout]:
-    base = Path(tempfile.mkdtemp(prefix="gdr-", dir="/tmp"))  # short: Unix socket path limit
-    lay = Layout(
-        base=base,
-        registry=base / "reg",
-        plugins=base / "plug",
-        cdi=base / "cdi",
-        claims=base / "claims",
-        driver_root=base / "drv",
-    )
-    lay.registry.mkdir()
-    make_fake_driver_root(lay.driver_root, range(8))
-    yield lay
-    shutil.rmtree(base, ignore_errors=True)
+    with temp_layout("gdr-") as lay:
+        yield lay
 
 
 @pytest.fixture
