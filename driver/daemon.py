@@ -235,14 +235,17 @@ class Daemon:
             self._mig_backend, mode, allow_mig_mode_change=self.cfg.allow_mig_mode_change, owned=owned
         )
 
+    @property
+    def _sysfs_root(self) -> Path | None:
+        """Where PCI facts (pcieRoot, NUMA) are read; a simulated node's bus ids mean nothing here."""
+        return None if self.cfg.nvml_backend == "fake" else Path("/sys")
+
     def _discover(self, nvml: Nvml, mig_hook: MigHook | None = None) -> Inventory | None:
         from driver.discovery import DiscoveryError, discover
 
-        # A simulated node's PCI bus ids mean nothing on this host's /sys.
-        sysfs_root = None if self.cfg.nvml_backend == "fake" else Path("/sys")
         for delay in self.backoff.delays():
             try:
-                inventory = discover(nvml, self.cfg.node_name, sysfs_root=sysfs_root, mig_hook=mig_hook)
+                inventory = discover(nvml, self.cfg.node_name, sysfs_root=self._sysfs_root, mig_hook=mig_hook)
             except (NvmlError, DiscoveryError) as exc:
                 log.warning(
                     "GPU discovery failed, not serving an empty node; retrying",
@@ -388,12 +391,11 @@ class Daemon:
             return
         from driver.discovery import DiscoveryError, discover
 
-        sysfs_root = None if self.cfg.nvml_backend == "fake" else Path("/sys")
         try:
             inventory = discover(
                 self._nvml,
                 self.cfg.node_name,
-                sysfs_root=sysfs_root,
+                sysfs_root=self._sysfs_root,
                 mig_hook=self._mig_hook(self._checkpoint_store, "static"),
             )
         except (NvmlError, DiscoveryError) as exc:

@@ -25,9 +25,9 @@ from cdi.spec import ContainerEdits
 from driver.errors import PermanentClaimError, TemporaryClaimError
 from driver.inventory import AllocatableDevice, Version
 from driver.kubeletplugin.claims import Claim
-from driver.state import SharingOutcome
+from driver.state import SharingOutcome, config_groups
 from mig.spec import MigLive
-from sharing.config import ConfigGroup, resolve_groups
+from sharing.config import ConfigGroup
 from sharing.errors import ConfigError as SharingConfigError
 from sharing.errors import SharingError
 from sharing.mps import MpsManager, mps_group_id
@@ -70,7 +70,7 @@ class GpuSharing:
             PermanentClaimError: a config is invalid or does not fit these devices.
             TemporaryClaimError: a tool failed or a daemon did not answer in time.
         """
-        groups = self._groups(claim, devices)
+        groups = config_groups(claim, devices, self._driver)
         by_name = {d.name: d for d in devices}
         records: list[dict[str, Any]] = []
         edits: dict[str, ContainerEdits] = {}
@@ -92,18 +92,6 @@ class GpuSharing:
             self.undo(claim_uid, records)
             raise
         return SharingOutcome(records=tuple(records), edits=edits)
-
-    def _groups(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> list[ConfigGroup]:
-        alloc = (claim.get("status") or {}).get("allocation") or {}
-        results = (alloc.get("devices") or {}).get("results") or []
-        configs = (alloc.get("devices") or {}).get("config") or []
-        kinds = {d.name: ("gpu" if d.kind == "gpu" else "mig") for d in devices}
-        try:
-            return resolve_groups(results, configs, self._driver, lambda name: kinds.get(name, "unknown"))
-        except SharingConfigError as exc:
-            raise PermanentClaimError(
-                f"invalid opaque device config: {exc}; fix the claim's (or DeviceClass's) config"
-            ) from exc
 
     def _apply_group(
         self,

@@ -59,6 +59,7 @@ from driver.inventory import AllocatableDevice, Inventory
 from driver.kubeletplugin.claims import Claim, ClaimRef
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from mig.spec import MigLive, MigSpec, parse_name
+from sharing.config import ConfigGroup
 
 log = structlog.get_logger(__name__)
 
@@ -417,30 +418,29 @@ class DeviceState:
         return self._all().get(uid)
 
     def _put(self, claim: PreparedClaim) -> None:
-        with self._cp_guard:
-            try:
-                self.checkpoint.put(claim)
-            except (DriverError, OSError) as exc:
-                self._cache = None
-                raise TemporaryClaimError(
-                    f"could not record claim {claim.uid} as {claim.state} in the checkpoint: {exc}; "
-                    "check free space and permissions of the plugin's state directory"
-                ) from exc
+        with self._checkpoint_write(f"record claim {claim.uid} as {claim.state}"):
+            self.checkpoint.put(claim)
             if self._cache is not None:
                 self._cache[claim.uid] = claim
 
     def _remove(self, uid: str) -> None:
+        with self._checkpoint_write(f"remove claim {uid} from"):
+            self.checkpoint.remove(uid)
+            if self._cache is not None:
+                self._cache.pop(uid, None)
+
+    @contextlib.contextmanager
+    def _checkpoint_write(self, what: str) -> Iterator[None]:
+        """Serialise a checkpoint write; a failure drops the cached copy and is a temporary error."""
         with self._cp_guard:
             try:
-                self.checkpoint.remove(uid)
+                yield
             except (DriverError, OSError) as exc:
                 self._cache = None
                 raise TemporaryClaimError(
-                    f"could not remove claim {uid} from the checkpoint: {exc}; "
+                    f"could not {what} the checkpoint: {exc}; "
                     "check free space and permissions of the plugin's state directory"
                 ) from exc
-            if self._cache is not None:
-                self._cache.pop(uid, None)
 
 
 @dataclass(slots=True)
@@ -683,6 +683,27 @@ class SharingAction(Protocol):
         ...
 
 
+def config_groups(claim: Claim, devices: Sequence[AllocatableDevice], driver: str) -> list[ConfigGroup]:
+    """The claim's devices grouped by the opaque config that applies to them (strictly decoded).
+
+    Raises:
+        PermanentClaimError: a config of ours is invalid; the message names the field to fix.
+    """
+    from sharing.config import resolve_groups
+    from sharing.errors import ConfigError as SharingConfigError
+
+    alloc = (claim.get("status") or {}).get("allocation") or {}
+    results = (alloc.get("devices") or {}).get("results") or []
+    configs = (alloc.get("devices") or {}).get("config") or []
+    kinds = {d.name: ("gpu" if d.kind == "gpu" else "mig") for d in devices}
+    try:
+        return resolve_groups(results, configs, driver, lambda name: kinds.get(name, "unknown"))
+    except SharingConfigError as exc:
+        raise PermanentClaimError(
+            f"invalid opaque device config: {exc}; fix the claim's (or DeviceClass's) config"
+        ) from exc
+
+
 class NoSharing:
     """Decodes opaque configs strictly, applies none: sharing is refused with what to enable.
 
@@ -700,17 +721,7 @@ class NoSharing:
         live: Mapping[str, MigLive] | None = None,
         intend: Callable[[dict[str, Any]], None] | None = None,
     ) -> SharingOutcome:
-        from sharing.config import resolve_groups
-        from sharing.errors import ConfigError as SharingConfigError
-
-        alloc = (claim.get("status") or {}).get("allocation") or {}
-        results = (alloc.get("devices") or {}).get("results") or []
-        configs = (alloc.get("devices") or {}).get("config") or []
-        kinds = {d.name: ("gpu" if d.kind == "gpu" else "mig") for d in devices}
-        try:
-            groups = resolve_groups(results, configs, self._driver, lambda name: kinds.get(name, "unknown"))
-        except SharingConfigError as exc:
-            raise PermanentClaimError(f"invalid opaque device config: {exc}; fix the claim or class") from exc
+        groups = config_groups(claim, devices, self._driver)
         for group in groups:
             if group.sharing is not None:
                 raise PermanentClaimError(
