@@ -24,6 +24,7 @@ import copy
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,21 @@ RESOURCE_GROUP = "resource.k8s.io"
 RESOURCE_VERSIONS = ("v1", "v1beta2", "v1beta1")
 
 JsonDict = dict[str, Any]
+
+
+def segment(value: str) -> str:
+    """One API path segment (namespace, name), escaped so it can never add a segment or a query.
+
+    Callers validate names first (``driver.kubeletplugin.claims.check_claim_ref``); this is the
+    second wall: ``../x`` or ``a?b`` stays inside its own segment, and an empty or dot-only value
+    is refused outright.
+
+    Raises:
+        ValueError: ``value`` is empty, ``.`` or ``..``.
+    """
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} cannot be an API path segment (an object name or namespace)")
+    return urllib.parse.quote(value, safe="")
 
 
 class ResourceNotServedError(ApiNotFoundError):
@@ -326,7 +342,9 @@ class Kube:
     def get_resource_claim(self, namespace: str, name: str) -> JsonDict:
         """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it."""
         version, claim = self._resource_call(
-            "GET", f"namespaces/{namespace}/resourceclaims/{name}", limiter=self._claim_limiter
+            "GET",
+            f"namespaces/{segment(namespace)}/resourceclaims/{segment(name)}",
+            limiter=self._claim_limiter,
         )
         return normalise_claim(claim, version)
 
@@ -341,7 +359,7 @@ class Kube:
 
     def get_device_class(self, name: str) -> JsonDict:
         """The DeviceClass ``name`` (its ``spec.selectors`` read the same in v1, v1beta2, v1beta1)."""
-        version, device_class = self._resource_call("GET", f"deviceclasses/{name}")
+        version, device_class = self._resource_call("GET", f"deviceclasses/{segment(name)}")
         device_class["apiVersion"] = f"{RESOURCE_GROUP}/v1"
         device_class.setdefault("kind", "DeviceClass")
         log.debug("device class read", name=name, served_as=version)
@@ -349,7 +367,7 @@ class Kube:
 
     def get_node(self, name: str) -> JsonDict:
         """The Node object (``metadata.uid`` is what slice owner references need)."""
-        return self._request("GET", f"/api/v1/nodes/{name}")
+        return self._request("GET", f"/api/v1/nodes/{segment(name)}")
 
     # -- resource slices ------------------------------------------------------------------------
 
@@ -385,7 +403,7 @@ class Kube:
         """Replace a slice; its ``metadata.resourceVersion`` makes it a compare-and-swap (409 on races)."""
         name = str(resource_slice["metadata"]["name"])
         version, stored = self._resource_call(
-            "PUT", f"resourceslices/{name}", body_for=lambda v: slice_to_version(resource_slice, v)
+            "PUT", f"resourceslices/{segment(name)}", body_for=lambda v: slice_to_version(resource_slice, v)
         )
         return slice_from_version(stored, version)
 
@@ -395,7 +413,7 @@ class Kube:
         if resource_version:
             preconditions["resourceVersion"] = resource_version
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": preconditions}
-        self._resource_call("DELETE", f"resourceslices/{name}", body_for=lambda _v: body)
+        self._resource_call("DELETE", f"resourceslices/{segment(name)}", body_for=lambda _v: body)
 
     def watch_slices(
         self, driver: str, node: str, resource_version: str = "", timeout_s: int = 300
