@@ -217,6 +217,7 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: JsonDict | None = None,
         limiter: RateLimiter | None = None,
+        *,
         deadline: float | None = None,
     ) -> JsonDict:
         timeout = self._timeout
@@ -334,6 +335,7 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body_for: Any = None,
         limiter: RateLimiter | None = None,
+        *,
         deadline: float | None = None,
     ) -> tuple[str, JsonDict]:
         """Call ``/apis/resource.k8s.io/<version>/<subpath>`` on the served version.
@@ -347,7 +349,7 @@ class Kube:
             body = body_for(version) if body_for is not None else None
             path = f"/apis/{RESOURCE_GROUP}/{version}/{subpath}"
             try:
-                return version, self._request(method, path, query, body, limiter, deadline)
+                return version, self._request(method, path, query, body, limiter, deadline=deadline)
             except ApiNotFoundError as exc:
                 if attempt == 0 and isinstance(exc, ResourceNotServedError):
                     self._forget_resource_version()

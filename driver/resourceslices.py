@@ -922,7 +922,7 @@ BACKOFF_MAX_S = 5.0
 
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
     """The wait before retry number ``failures`` (1 = after the first failure), without jitter."""
-    return min(max_s, initial_s * 2 ** min(failures - 1, 62))
+    return min(max_s, initial_s * float(2 ** min(failures - 1, 62)))
 
 
 class SlicePublisher:

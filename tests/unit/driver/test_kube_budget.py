@@ -95,7 +95,7 @@ def test_the_budget_bounds_the_whole_fetch_not_each_attempt(hung: tuple[HungServ
     _server, kubeconfig = hung
     kube = Kube.from_config(kubeconfig, request_timeout_s=30.0)
     started = time.monotonic()
-    with pytest.raises(Exception, match="could not reach the API server|time budget is spent"):
+    with pytest.raises(Exception, match=r"could not reach the API server|time budget is spent"):
         kube.get_resource_claim("default", "c", budget_s=0.5)
     # Functional bound, not a speed target: without the budget this call takes the full 30 s.
     assert time.monotonic() - started < 10.0
