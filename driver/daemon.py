@@ -49,6 +49,7 @@ from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, DirectoryC
 from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
+from driver.kubeletplugin.sockets import private_dir
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore
@@ -136,7 +137,7 @@ class Daemon:
 
     def _start(self) -> None:
         cfg = self.cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.state_dir)  # checkpoint, locks, sockets: 0700 whatever the umask
         # The API client loads on its own thread, while the sockets come up and NVML discovers.
         kube_future: Future[Kube] | None = None
         if cfg.publish or cfg.fake_claims_dir is None:

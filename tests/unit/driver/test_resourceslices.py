@@ -1312,3 +1312,14 @@ def test_kubernetes_134_limits_counters_per_slice_not_per_set():
     ]
     with pytest.raises(SliceValidationError, match=r"consumes 33 counters"):
         validate_slice(greedy, server_minor=34)
+
+
+def test_publisher_backoff_is_capped_at_a_few_seconds():
+    """After a long API server outage slices return within seconds (a 60 s cap once took 35 s)."""
+    from driver.resourceslices import BACKOFF_MAX_S, backoff_delay
+
+    publisher = SlicePublisher(FakeKube(), NODE, DRIVER)
+    assert BACKOFF_MAX_S <= 5.0
+    delays = [backoff_delay(n, publisher._backoff_initial, publisher._backoff_max) for n in range(1, 200)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(delays) == BACKOFF_MAX_S
