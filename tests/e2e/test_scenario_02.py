@@ -187,7 +187,7 @@ def failing_claims(
         out: dict[str, str] = {}
         for name in configs:
             pods = list_pods(node.api, namespace, name)
-            error = node.emulator.pod_errors.get(pods[0]["metadata"]["uid"]) if pods else None
+            error = node.kubelet.pod_errors.get(pods[0]["metadata"]["uid"]) if pods else None
             if error is None:
                 return None
             out[name] = error
@@ -203,7 +203,7 @@ def failing_claims(
 def _successful_prepares(node: SimulatedNode, claim_uid: str) -> int:
     return sum(
         1
-        for c in node.emulator.calls
+        for c in node.kubelet.calls
         if c.method == "NodePrepareResources"
         and not c.error
         and any(uid == claim_uid for _, uid, _ in c.claims)
@@ -223,7 +223,7 @@ def test_three_pods_time_slice_one_gpu(node_factory: NodeFactory) -> None:
     (result,) = results(claim)
     assert {r["uid"] for r in claim["status"]["reservedFor"]} == {p["metadata"]["uid"] for p in pods}
     # Every pod's container got the same single CDI device of the one claim.
-    cdi_ids = {tuple(node.emulator.pod_cdi_devices[p["metadata"]["uid"]][APP]) for p in pods}
+    cdi_ids = {tuple(node.kubelet.pod_cdi_devices[p["metadata"]["uid"]][APP]) for p in pods}
     assert len(cdi_ids) == 1, cdi_ids
     (cdi_id,) = next(iter(cdi_ids))
 
@@ -247,8 +247,8 @@ def test_three_pods_time_slice_one_gpu(node_factory: NodeFactory) -> None:
     # A second prepare of the same claim (a kubelet retry, another pod) returns the same
     # devices and does nothing twice.
     journal_before = node.journal()
-    again = node.emulator.prepare(DRIVER_NAME, [ref])
-    assert again[uid] == node.emulator.claim_devices(uid)
+    again = node.kubelet.prepare(DRIVER_NAME, [ref])
+    assert again[uid] == node.kubelet.claim_devices(uid)
     assert [d.device_name for d in again[uid]] == [result["device"]]
     assert node.journal() == journal_before
     assert node.gpu_state()[gpu]["timeslice"] == 3

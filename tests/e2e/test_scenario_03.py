@@ -155,7 +155,7 @@ def test_three_pods_share_one_gpu_through_one_mps_daemon(
     assert mounts["/dev/shm"] == str(group_dir / "shm")
     assert any(n["path"] == f"/dev/nvidia{device.device.removeprefix('gpu-')}" for n in edits["deviceNodes"])
     for pod in pods:
-        assert node.emulator.pod_cdi_devices[pod["metadata"]["uid"]][APP] == [
+        assert node.kubelet.pod_cdi_devices[pod["metadata"]["uid"]][APP] == [
             f"k8s.gpu.nvidia.com/claim={cdi_device['name']}"
         ]
 
@@ -163,7 +163,7 @@ def test_three_pods_share_one_gpu_through_one_mps_daemon(
     node.kill_plugin(signal.SIGKILL)
     assert alive(pid)
     node.start_plugin()
-    again = node.emulator.prepare(DRIVER_NAME, [ref])
+    again = node.kubelet.prepare(DRIVER_NAME, [ref])
     assert [d.device_name for d in again[uid]] == [device.device]
     assert mps_record(node, uid) == record
     after_restart = mps_status(node, pipe_dir)

@@ -82,7 +82,7 @@ def pod_rows(
     for pod in pods:
         meta = pod["metadata"]
         node_name, phase = pod_phase_on(pod)
-        cdi = node.emulator.pod_cdi_devices.get(meta["uid"], {})
+        cdi = node.kubelet.pod_cdi_devices.get(meta["uid"], {})
         for entry in pod["spec"].get("resourceClaims") or []:
             claim = pod_claim(factory.api, pod, entry["name"])
             claim_name = claim["metadata"]["name"] if claim else "(none yet)"
@@ -169,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
         rows, uid = pod_rows(factory, node, pods)
         say()
         say(table(rows, ["POD", "NODE (PHASE)", "CLAIM", "DEVICES", "CDI DEVICE IDS"]))
-        prepares = [c for c in node.emulator.calls if c.method == PREPARE]
+        prepares = [c for c in node.kubelet.calls if c.method == PREPARE]
         say()
-        registration = node.emulator.plugin_for(DRIVER_NAME)
+        registration = node.kubelet.plugin_for(DRIVER_NAME)
         service = registration.service if registration else "?"
         say(
             f"{len(prepares)} NodePrepareResources calls over DRA {service}: "
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             # The control plane goes away with everything in it: only the processes need stopping.
             for n in factory.nodes:
                 n.kill_plugin(signal.SIGTERM)
-                n.emulator.stop()
+                n.kubelet.stop()
                 shutil.rmtree(n.socket_base, ignore_errors=True)
         closer: Any = api.close
         closer()
