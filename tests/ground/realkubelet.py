@@ -345,8 +345,13 @@ class RealKubelet:
                 f"---- harness: starting {Path(argv[0]).name} at {time.strftime('%H:%M:%S')}\n".encode()
             )
             out.flush()
+            # An empty working dir of its own: with the fake CRI's empty LogPath the kubelet's log
+            # clean-up globs "*" relative to its cwd and removes what it finds (nsenter --mount
+            # otherwise leaves it at the namespace's "/", the host's root: it deleted /bin).
+            cwd = self.log_dir / "cwd"
+            cwd.mkdir(exist_ok=True)
             return subprocess.Popen(
-                ["nsenter", f"--mount=/proc/{self._holder.pid}/ns/mnt", "--", *argv],
+                ["nsenter", f"--mount=/proc/{self._holder.pid}/ns/mnt", f"--wd={cwd}", "--", *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
