@@ -532,7 +532,11 @@ def start_control_plane(
                 f"--cert-dir={workdir / 'sched-certs'}",
             ],
         )
-        controllers = [*CONTROLLERS, *(["node-lifecycle-controller"] if node_lifecycle else []), *extra_controllers]
+        controllers = [
+            *CONTROLLERS,
+            *(["node-lifecycle-controller"] if node_lifecycle else []),
+            *extra_controllers,
+        ]
         kcm = cp._spawn(
             "kube-controller-manager",
             [

@@ -145,7 +145,7 @@ class EgressProxy:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._routes: dict[str, Path] = {}  # address or node name -> netns to dial it from
+        self._routes: dict[str, tuple[Path, str]] = {}  # address or node name -> (netns, address)
         self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
@@ -153,11 +153,12 @@ class EgressProxy:
         self._closed = False
         threading.Thread(target=self._serve, name="egress-proxy", daemon=True).start()
 
-    def route(self, netns: Path, *names: str) -> None:
-        """Dial ``names`` (node IPs, node names) from inside ``netns``."""
+    def route(self, netns: Path, address: str, *names: str) -> None:
+        """Dial ``address`` and ``names`` (e.g. the node's name, which the API server prefers) as
+        ``address``, from inside ``netns``."""
         with self._lock:
-            for name in names:
-                self._routes[name] = netns
+            for name in (address, *names):
+                self._routes[name] = (netns, address)
 
     def unroute(self, *names: str) -> None:
         with self._lock:
@@ -190,11 +191,12 @@ class EgressProxy:
                 conn.close()
                 return
             with self._lock:
-                netns = self._routes.get(host)
-            address = (host, int(port))
-            if netns is not None:
-                up = in_netns(netns, lambda: socket.create_connection(address, timeout=10))
+                route = self._routes.get(host)
+            if route is not None:
+                netns, ip = route
+                up = in_netns(netns, lambda: socket.create_connection((ip, int(port)), timeout=10))
             else:
+                address = (host, int(port))
                 up = socket.create_connection(address, timeout=10)
             up.settimeout(None)
         except OSError as exc:

@@ -44,7 +44,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,13 @@ class RealNode(RealKubelet):
     def start(self) -> None:
         """Lay out the root, start holder, relays, containerd and the kubelet (not yet Ready)."""
         try:
-            for d in (self.run_dir, self.log_dir, self.control_dir, self.var_dir / "log", self.var_dir / "lib"):
+            for d in (
+                self.run_dir,
+                self.log_dir,
+                self.control_dir,
+                self.var_dir / "log",
+                self.var_dir / "lib",
+            ):
                 d.mkdir(parents=True, exist_ok=True)
             self._write_pki()
             self._write_config()
@@ -195,9 +201,11 @@ class RealNode(RealKubelet):
         try:
             core: Any = kclient.CoreV1Api(api)
             labels = {"kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux", **self.labels}
-            core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node_name, "labels": labels}})
+            core.create_node(
+                {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node_name, "labels": labels}}
+            )
         finally:
-            api.close()
+            api.close()  # type: ignore[no-untyped-call]
 
     def _write_config(self) -> None:
         super()._write_config()
@@ -222,12 +230,25 @@ class RealNode(RealKubelet):
 
     def _lay_out_root(self) -> None:
         r = self.root
-        for sub in ("usr", "etc", "proc", "sys", "dev/pts", "dev/shm", "run", "tmp", "root", "opt/cni/bin", "var/lib", "var/log"):
+        for sub in (
+            "usr",
+            "etc",
+            "proc",
+            "sys",
+            "dev/pts",
+            "dev/shm",
+            "run",
+            "tmp",
+            "root",
+            "opt/cni/bin",
+            "var/lib",
+            "var/log",
+        ):
             (r / sub).mkdir(parents=True, exist_ok=True)
         (r / "tmp").chmod(0o1777)
         for link in ("bin", "sbin", "lib", "lib64"):
             if Path(f"/{link}").is_symlink() and not (r / link).exists():
-                (r / link).symlink_to(os.readlink(f"/{link}"))
+                (r / link).symlink_to(Path(f"/{link}").readlink())
         (r / "var" / "run").symlink_to("../run")
         for p in self._shared():
             (r / p.relative_to("/")).mkdir(parents=True, exist_ok=True)
@@ -239,9 +260,16 @@ class RealNode(RealKubelet):
             (dev / name).symlink_to(target)
         if self.extra_dev is not None:
             self.copy_devices(self.extra_dev)
-        for d in (self.etc_upper / "cni" / "net.d", self.etc_upper / "containerd", self.etc_upper / "cdi", self.etc_work):
+        for d in (
+            self.etc_upper / "cni" / "net.d",
+            self.etc_upper / "containerd",
+            self.etc_upper / "cdi",
+            self.etc_work,
+        ):
             d.mkdir(parents=True, exist_ok=True)
-        (self.etc_upper / "cni" / "net.d" / "10-gpu-dra-node.conflist").write_text(json.dumps(self._cni_config(), indent=1))
+        (self.etc_upper / "cni" / "net.d" / "10-gpu-dra-node.conflist").write_text(
+            json.dumps(self._cni_config(), indent=1)
+        )
         (self.etc_upper / "containerd" / "config.toml").write_text(self._containerd_config())
         (self.root / "run" / "cdi").mkdir(parents=True, exist_ok=True)
 
@@ -251,7 +279,12 @@ class RealNode(RealKubelet):
             st = path.lstat()
             if stat.S_ISCHR(st.st_mode):
                 rel = path.relative_to(src_dev)
-                _mknod(self.root / "dev" / rel, os.major(st.st_rdev), os.minor(st.st_rdev), stat.S_IMODE(st.st_mode))
+                _mknod(
+                    self.root / "dev" / rel,
+                    os.major(st.st_rdev),
+                    os.minor(st.st_rdev),
+                    stat.S_IMODE(st.st_mode),
+                )
 
     def _cni_config(self) -> dict[str, Any]:
         return {
@@ -308,9 +341,8 @@ state = "/run/containerd"
         sysctl_dir.mkdir(parents=True, exist_ok=True)
         lines = ["set -e", f"R='{r}'", 'mount --bind "$R" "$R"']
         lines += ['mount --bind /usr "$R/usr"', 'mount -o remount,bind,ro "$R/usr"']
-        lines.append(
-            f"mount -t overlay overlay -o lowerdir=/etc,upperdir='{self.etc_upper}',workdir='{self.etc_work}' \"$R/etc\""
-        )
+        overlay = f"lowerdir=/etc,upperdir='{self.etc_upper}',workdir='{self.etc_work}'"
+        lines.append(f'mount -t overlay overlay -o {overlay} "$R/etc"')
         for f in ("resolv.conf", "hosts"):
             if Path("/etc", f).is_file():
                 lines.append(f'mount --bind -o ro /etc/{f} "$R/etc/{f}"')
@@ -365,8 +397,8 @@ state = "/run/containerd"
         if ready.strip() != b"ready":
             self._holder.wait(timeout=5)
             raise KubeletNodeError(
-                f"the namespaces of node {self.node_name} could not be set up (exit {self._holder.returncode}); "
-                f"see {self.log_dir}/holder.log: "
+                f"the namespaces of node {self.node_name} could not be set up "
+                f"(exit {self._holder.returncode}); see {self.log_dir}/holder.log: "
                 + (self.log_dir / "holder.log").read_text(errors="replace")[-2000:]
             )
 
@@ -380,17 +412,31 @@ state = "/run/containerd"
 
     def _node_env(self) -> dict[str, str]:
         path = ":".join(str(p) for p in (self._bins["containerd"], self._bins["runc"]))
-        return {"PATH": f"{path}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        return {
+            "PATH": f"{path}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+        }
 
     def _in_namespace(self, argv: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
         assert self._holder is not None
         from tests.ground.realkubelet import _die_with_parent
 
         with log_path.open("ab") as out:
-            out.write(f"---- harness: starting {Path(argv[0]).name} at {time.strftime('%H:%M:%S')}\n".encode())
+            out.write(
+                f"---- harness: starting {Path(argv[0]).name} at {time.strftime('%H:%M:%S')}\n".encode()
+            )
             out.flush()
             return subprocess.Popen(
-                ["nsenter", f"--target={self._holder.pid}", "--mount", "--net", "--root", f"--wd={self.log_dir}", "--", *argv],
+                [
+                    "nsenter",
+                    f"--target={self._holder.pid}",
+                    "--mount",
+                    "--net",
+                    "--root",
+                    f"--wd={self.log_dir}",
+                    "--",
+                    *argv,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -409,8 +455,8 @@ state = "/run/containerd"
         while True:
             if self._containerd.poll() is not None or time.monotonic() > deadline:
                 raise KubeletNodeError(
-                    f"containerd on {self.node_name} did not serve {CONTAINERD_SOCKET}; see {self.containerd_log}:\n"
-                    + self.containerd_log.read_text(errors="replace")[-3000:]
+                    f"containerd on {self.node_name} did not serve {CONTAINERD_SOCKET}; "
+                    f"see {self.containerd_log}:\n" + self.containerd_log.read_text(errors="replace")[-3000:]
                 )
             if sock.exists() and self.ctr("version", check=False).returncode == 0:
                 return
@@ -420,7 +466,14 @@ state = "/run/containerd"
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """``ctr -n k8s.io ARGS`` against this node's containerd (run from the host, over its socket)."""
-        argv = [str(self._bins["containerd"] / "ctr"), "--address", str(self.host_path(CONTAINERD_SOCKET)), "-n", "k8s.io", *args]
+        argv = [
+            str(self._bins["containerd"] / "ctr"),
+            "--address",
+            str(self.host_path(CONTAINERD_SOCKET)),
+            "-n",
+            "k8s.io",
+            *args,
+        ]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise KubeletNodeError(f"ctr {' '.join(args)} failed on {self.node_name}: {proc.stderr.strip()}")
@@ -428,7 +481,9 @@ state = "/run/containerd"
 
     def import_image(self, image: Image) -> None:
         """``ctr -n k8s.io images import`` of an OCI archive (unpacked for the overlayfs snapshotter)."""
-        self.ctr("images", "import", "--platform", "linux/amd64", "--snapshotter", "overlayfs", str(image.archive))
+        self.ctr(
+            "images", "import", "--platform", "linux/amd64", "--snapshotter", "overlayfs", str(image.archive)
+        )
         listed = self.ctr("images", "ls", "-q").stdout.split()
         if image.ref not in listed:
             raise KubeletNodeError(f"{image.ref} is not among the images after the import: {listed}")
@@ -440,7 +495,11 @@ state = "/run/containerd"
         base = Path("/sys/fs/cgroup")
         rel = self.cgroup_parent.lstrip("/")
         found = [base / rel] if (base / rel).is_dir() else []
-        found += [h / rel for h in sorted(base.iterdir()) if h.is_dir() and not h.is_symlink() and (h / rel).is_dir()]
+        found += [
+            h / rel
+            for h in sorted(base.iterdir())
+            if h.is_dir() and not h.is_symlink() and (h / rel).is_dir()
+        ]
         return list(dict.fromkeys(found))
 
     def _kill_cgroups(self) -> None:
@@ -459,7 +518,9 @@ state = "/run/containerd"
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
         for d in dirs:
-            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            for sub in sorted(
+                (p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
                 with contextlib.suppress(OSError):
                     sub.rmdir()
             with contextlib.suppress(OSError):
@@ -470,14 +531,14 @@ state = "/run/containerd"
         if self._holder is None:
             return []
         try:
-            ns = os.readlink(f"/proc/{self._holder.pid}/ns/mnt")
+            ns = Path(f"/proc/{self._holder.pid}/ns/mnt").readlink()
         except OSError:
             return []
         out = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != self._holder.pid:
                 with contextlib.suppress(OSError):
-                    if os.readlink(entry / "ns" / "mnt") == ns:
+                    if (entry / "ns" / "mnt").readlink() == ns:
                         out.append(int(entry.name))
         return out
 
