@@ -93,6 +93,34 @@ class GpuSharing:
             raise
         return SharingOutcome(records=tuple(records), edits=edits)
 
+    def check(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> None:
+        """Decode every config group and fit it to its devices, changing nothing.
+
+        The checks :meth:`apply` makes before each change, made for all groups up front: MIG
+        devices not created yet stand in with placeholder UUIDs (their memory is known).
+
+        Raises:
+            PermanentClaimError: a config is invalid or does not fit these devices.
+        """
+        groups = config_groups(claim, devices, self._driver)
+        by_name = {d.name: d for d in devices}
+        try:
+            for group in groups:
+                config = group.config
+                members = [by_name[str(r.get("device"))] for r in group.results if r.get("device") in by_name]
+                mps = None if config is None else config.mps()
+                if mps is None or not members:
+                    continue
+                uuids = [_checked_uuid(d) for d in members]
+                self._mps.check(
+                    uuids,
+                    mps,
+                    {_checked_uuid(d): int(d.capacity.get("memory", 0)) for d in members},
+                    {_checked_uuid(d): _capability(d) for d in members},
+                )
+        except SharingConfigError as exc:
+            raise PermanentClaimError(f"sharing config does not fit the allocated devices: {exc}") from exc
+
     def _apply_group(
         self,
         claim_uid: str,
@@ -156,6 +184,15 @@ def _sharing_uuid(device: AllocatableDevice, live: Mapping[str, MigLive]) -> str
     if created is None:
         raise PermanentClaimError(f"MIG device {device.name} has no instance to run MPS on")
     return created.mig_uuid
+
+
+def _checked_uuid(device: AllocatableDevice) -> str:
+    """The UUID MPS will address, or a stand-in for a MIG device that does not exist yet."""
+    if device.kind == "gpu":
+        return device.gpu_uuid
+    if device.mig_live is not None:
+        return device.mig_live.mig_uuid
+    return f"MIG-pending-{device.name}"
 
 
 def _capability(device: AllocatableDevice) -> tuple[int, int]:

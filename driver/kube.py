@@ -31,7 +31,8 @@ from typing import Any
 
 import structlog
 
-from driver.errors import ApiConflictError, ApiError, ApiNotFoundError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiConflictError, ApiError, ApiNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -234,7 +235,9 @@ class Kube:
         )
         data = response.read()
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = boundedjson.loads(data) if data else {}
+        except boundedjson.JsonTooDeepError as exc:
+            raise ApiBodyError(f"{method} {path} returned {exc}", reason="TooDeep") from exc
         except ValueError as exc:
             raise ApiError(f"{method} {path} returned a body that is not JSON: {data[:200]!r}") from exc
         if not isinstance(decoded, dict):
@@ -559,11 +562,17 @@ def normalise_claim(claim: JsonDict, version: str) -> JsonDict:
     ``.config``) are the same in all three versions; v1beta1 requests carry the exact-request
     fields flat instead of under ``exactly``, which is rewrapped here.
     """
-    out = copy.deepcopy(claim)
+    # Shallow copies of what is rewritten: the claim was decoded for this call alone, and a deep
+    # copy would recurse through user-written opaque parameters of any depth.
+    out = dict(claim)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceClaim")
     if version == "v1beta1":
-        devices = (out.get("spec") or {}).get("devices") or {}
+        spec = dict(out.get("spec") or {})
+        devices = dict(spec.get("devices") or {})
+        if "spec" in out:
+            spec["devices"] = devices
+            out["spec"] = spec
         requests = []
         for request in devices.get("requests") or []:
             if "firstAvailable" in request or "exactly" in request:
