@@ -14,11 +14,18 @@ It does not know any schema: ``sharing.config`` checks the config's own fields a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 #: Integers with more digits than this are kept as text (:class:`HugeNumber`), never converted.
 MAX_INT_DIGITS = 1000
+#: Deepest nesting :func:`loads` decodes. Below Python's default recursion limit, and not tied to
+#: it (a test runner or library may raise that limit, and then the decoder's stack is at risk).
+MAX_DECODE_DEPTH = 500
+
+# A JSON string (skipped whole, escapes included) or one bracket.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class HugeNumber(str):
@@ -46,12 +53,28 @@ def loads(data: str | bytes) -> Any:
         JsonTooDeepError: the document nests deeper than the decoder's recursion allows.
         ValueError: it is not JSON.
     """
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") > MAX_DECODE_DEPTH and _max_depth(raw) > MAX_DECODE_DEPTH:
+        raise JsonTooDeepError(f"the JSON document nests deeper than {MAX_DECODE_DEPTH} levels")
     try:
         return json.loads(data, parse_int=_parse_int)
     except RecursionError:
         raise JsonTooDeepError(
-            "the JSON document nests deeper than about 1,000 levels and cannot be decoded"
+            f"the JSON document nests deeper than the decoder can follow (limit {MAX_DECODE_DEPTH})"
         ) from None
+
+
+def _max_depth(raw: bytes) -> int:
+    """How deep brackets nest in ``raw``, strings skipped (only run on bracket-heavy documents)."""
+    depth = deepest = 0
+    for match in _TOKENS.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def check_depth(document: Any, limit: int, root: str = "") -> None:

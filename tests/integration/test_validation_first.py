@@ -312,8 +312,12 @@ def test_deep_nesting_is_refused_naming_the_field_not_with_recursion_error(tmp_p
 def test_json_too_deep_for_python_is_a_clear_error() -> None:
     from driver.boundedjson import JsonTooDeepError
 
-    with pytest.raises(JsonTooDeepError, match="nests deeper than about 1,000 levels"):
+    with pytest.raises(JsonTooDeepError, match="nests deeper than 500 levels"):
         loads("[" * 1500 + "]" * 1500)
+    with pytest.raises(JsonTooDeepError, match="nests deeper than 500 levels"):
+        loads('{"a": ' * 600 + '"[[[[]]]]"' + "}" * 600)
+    # Brackets inside strings are not nesting; a wide document is not a deep one.
+    assert loads(json.dumps({"s": "[" * 5000, "l": [[1]] * 3000}))["s"] == "[" * 5000
     with pytest.raises(JsonTooDeepError, match=r"a\.a\.a"):
         check_depth(_deep(100), 10)
 
@@ -325,6 +329,7 @@ def test_log_lines_are_capped(capsys: pytest.CaptureFixture[str]) -> None:
 
     logsetup.configure("json", "info")
     structlog.get_logger("t").warning("huge", error="E" * 400_000)
+
     def boom() -> None:
         raise ValueError("V" * 400_000)
 
