@@ -43,11 +43,13 @@ from driver.kubeletplugin.draservice import DraService
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore
     from driver.discovery import MigHook
+    from driver.health import HealthMonitor
     from driver.kube import Kube
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
+    from driver.taints import DeviceTaints, TaintSync
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +102,8 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _monitor: HealthMonitor | None = None
+    _taint_sync: TaintSync | None = None
 
     def run(self) -> int:
         """Start everything, wait for a stop signal, shut down; return the exit code."""
@@ -150,8 +154,9 @@ class Daemon:
             cfg.pod_uid,
         )
         # --- device health stream (driver.health, driver.kubeletplugin.healthstream) ---
-        from driver.health import HealthMonitor, open_source
+        from driver.health import IGNORED_XIDS, HealthMonitor, open_source
         from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
+        from driver.recovery import ClearRequests, NvmlRecoveryProbe, RecoveryRules
 
         device_state = self.state
         monitor = HealthMonitor(
@@ -162,9 +167,14 @@ class Daemon:
                 nvml,
                 (d.gpu_uuid for d in inventory.devices),
                 fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+                ignored=IGNORED_XIDS | cfg.additional_xids_to_ignore,
             ),
+            recovery=RecoveryRules(NvmlRecoveryProbe(nvml)),
+            recovery_poll_s=cfg.recovery_poll_s,
+            clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
+        self._monitor = monitor
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
@@ -185,8 +195,30 @@ class Daemon:
             health = HealthServer(paths, cfg.healthcheck_port)
             health.start()
             self._closers.append(health.stop)
+        self._start_taints(monitor)
         if cfg.publish:
             self._start_publisher(_need(kube_future).result(), inventory)
+
+    def _start_taints(self, monitor: HealthMonitor) -> None:
+        """Device taints from the health snapshots (gate NVMLDeviceHealthCheck), plus the status file."""
+        from driver.taints import STATUS_FILE, TaintSync
+
+        cfg = self.cfg
+        taints_on = cfg.gate("NVMLDeviceHealthCheck")
+
+        def publish(taints: DeviceTaints) -> None:
+            if self._publisher is not None:
+                self._publisher.set_taints(taints)
+
+        sync = TaintSync(
+            monitor,
+            publish if taints_on and cfg.publish else None,
+            cfg.state_dir / STATUS_FILE,
+            lost_effect=cfg.gpu_lost_taint_effect,
+        )
+        sync.start()
+        self._taint_sync = sync if taints_on else None
+        self._closers.append(sync.stop)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -362,8 +394,14 @@ class Daemon:
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
         publisher = SlicePublisher(
-            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+            kube,
+            self.cfg.node_name,
+            self.cfg.driver_name,
+            on_dropped_fields=self._fields_dropped,
+            taintable=self._taint_sync is not None,
         )
+        if self._taint_sync is not None:
+            publisher.set_taints(self._taint_sync.current)
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
@@ -374,6 +412,14 @@ class Daemon:
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
         placements there would let the scheduler hand out overlapping MIG slices.
         """
+        if any(f.endswith(".taints") for f in fields):
+            log.warning(
+                "API server does not keep device taints; unhealthy GPUs stay schedulable "
+                "(the kubelet's health stream still reports them)",
+                fields=list(fields),
+                fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
+                "(on by default from Kubernetes 1.36)",
+            )
         if self._static_fallback or not any("ounter" in f for f in fields):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
