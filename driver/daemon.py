@@ -70,6 +70,8 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 STARTUP_WAIT_S = 30.0
 #: How long running kubelet calls may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 5.0
+#: After this long the start-up work (first slice publication included) is normally done.
+STARTUP_SETTLE_S = 10.0
 CHECKPOINT_FILE = "checkpoint.json"
 #: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
 MPS_HOST_LAUNCHER = (
@@ -194,6 +196,9 @@ class Daemon:
             self._closers.append(health.stop)
         if cfg.publish:
             self._start_publisher(_need(kube_future).result(), inventory)
+        settled = threading.Timer(STARTUP_SETTLE_S, release_startup_memory)
+        settled.daemon = True
+        settled.start()
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
@@ -503,6 +508,20 @@ class Daemon:
 
     def _stop_requested_at(self) -> float:
         return self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
+
+
+def release_startup_memory() -> None:
+    """Collect start-up's garbage and hand the freed heap back to the kernel, once.
+
+    Imports, the topology and the first publication leave freed blocks that glibc keeps for
+    reuse; an idle daemon never reuses them, so they are ~3 MiB of resident memory for nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _ms_since(t: float) -> float:
