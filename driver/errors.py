@@ -45,6 +45,10 @@ class TemporaryClaimError(ClaimError):
     """A transient condition (lock timeout, busy GPU, API hiccup); the kubelet's retry may succeed."""
 
 
+class LockBusyError(TemporaryClaimError):
+    """A GPU's lock was not free in time (NVIDIA's ``lock_acquire`` error type)."""
+
+
 class NvmlError(DriverError):
     """An NVML call failed.
 

@@ -25,6 +25,7 @@ from cdi.spec import ContainerEdits
 from driver.errors import PermanentClaimError, TemporaryClaimError
 from driver.inventory import AllocatableDevice, Version
 from driver.kubeletplugin.claims import Claim
+from driver.metrics import stage
 from driver.state import SharingOutcome, config_groups
 from mig.spec import MigLive
 from sharing.config import ConfigGroup
@@ -140,7 +141,8 @@ class GpuSharing:
             record = {"kind": TIMESLICE, "gpus": gpus, "level": interval.level}
             if intend is not None:
                 intend(record)
-            self._timeslicer.apply(gpus, interval)
+            with stage("timeslice_set"):
+                self._timeslicer.apply(gpus, interval)
             log.info("time-slicing applied", gpus=gpus, interval=interval.interval)
             return record, {}
         mps = config.mps()
@@ -149,7 +151,8 @@ class GpuSharing:
         uuids = [_sharing_uuid(d, live) for d in members]
         memory = {_sharing_uuid(d, live): int(d.capacity.get("memory", 0)) for d in members}
         capability = {_sharing_uuid(d, live): _capability(d) for d in members}
-        daemon = self._mps.start(mps_group_id(claim_uid, uuids), uuids, mps, memory, capability)
+        with stage("mps_start"):
+            daemon = self._mps.start(mps_group_id(claim_uid, uuids), uuids, mps, memory, capability)
         device_edits = daemon.container_edits()
         return {"kind": MPS, **daemon.to_record()}, {d.name: device_edits for d in members}
 
@@ -162,9 +165,11 @@ class GpuSharing:
         for record in reversed(list(records)):
             kind = record.get("kind")
             if kind == TIMESLICE:
-                self._timeslicer.reset([str(u) for u in record.get("gpus", [])])
+                with stage("timeslice_reset"):
+                    self._timeslicer.reset([str(u) for u in record.get("gpus", [])])
             elif kind == MPS:
-                self._mps.stop(record)
+                with stage("mps_stop"):
+                    self._mps.stop(record)
             else:
                 log.warning("unknown sharing record left alone", record=dict(record), claim_uid=claim_uid)
         recorded = {r.get("groupId") for r in records if r.get("kind") == MPS}

@@ -29,6 +29,7 @@ resident and 0.3-0.8 s of import, so :func:`_import_lean` loads just the modules
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -307,6 +308,13 @@ class RestTransport:
         self._pool = rest.RESTClientObject(configuration).pool_manager
         self._host = str(configuration.host).rstrip("/")
         self._user_agent = user_agent
+        # One server: requests go straight to its connection pool, skipping the manager's URL
+        # parsing and pool lookup on every request; through a proxy the manager addresses it.
+        self._direct: Any = None
+        if not isinstance(self._pool, urllib3.ProxyManager):
+            with contextlib.suppress(urllib3.exceptions.LocationValueError):  # no server: send() says so
+                self._direct = self._pool.connection_from_url(self._host)
+        self._prefix = urllib3.util.parse_url(self._host).path or ""
 
     def send(
         self,
@@ -324,13 +332,18 @@ class RestTransport:
                 headers[str(auth["key"])] = str(auth["value"])
         if body is not None:
             headers["Content-Type"] = "application/json"
-        url = self._host + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
         limit = (
             self._urllib3.Timeout(connect=timeout[0], read=timeout[1])
             if isinstance(timeout, tuple)
             else self._urllib3.Timeout(total=timeout)
         )
-        return self._pool.urlopen(
+        pool, url = (
+            (self._direct, self._prefix + target)
+            if self._direct is not None
+            else (self._pool, self._host + target)
+        )
+        return pool.urlopen(
             method, url, body=body, headers=headers, timeout=limit, preload_content=not stream, redirect=False
         )
 

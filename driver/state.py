@@ -51,6 +51,7 @@ from driver.errors import (
     CheckpointCorruptError,
     ClaimError,
     DriverError,
+    LockBusyError,
     PermanentClaimError,
     TemporaryClaimError,
 )
@@ -58,6 +59,7 @@ from driver.flock import FileLock, LockTimeoutError
 from driver.inventory import AllocatableDevice, Inventory
 from driver.kubeletplugin.claims import Claim, ClaimRef
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
+from driver.metrics import stage
 from mig.spec import MigLive, MigSpec, parse_name
 from sharing.config import ConfigGroup
 
@@ -267,7 +269,8 @@ class DeviceState:
         uid = started.uid
         devices: list[PreparedDevice] = []
         for record, p in zip(started.devices, planned, strict=True):
-            live = self.actions[p.device.kind].prepare(p.device)
+            with stage("mig_create" if p.device.kind == "mig-dynamic" else "device_action"):
+                live = self.actions[p.device.kind].prepare(p.device)
             devices.append(replace(record, mig=mig_record(live)) if live is not None else record)
         if any(d.mig is not None for d in devices):
             # Record created MIG devices before the next step can fail, so a rollback finds them
@@ -312,7 +315,8 @@ class DeviceState:
             )
             for d, p in zip(devices, planned, strict=True)
         ]
-        self.cdi.write_claim_spec(uid, new_spec(KIND, cdi_devices, self.edits.common()))
+        with stage("cdi_write"):
+            self.cdi.write_claim_spec(uid, new_spec(KIND, cdi_devices, self.edits.common()))
 
     # ---- unprepare ----------------------------------------------------------------------------
 
@@ -345,8 +349,10 @@ class DeviceState:
         """Undo a completed prepare from recorded data only (the inventory may have changed)."""
         self.sharing.undo(recorded.uid, recorded.sharing)
         for d in recorded.devices:
-            self.actions.get(d.kind, NO_ACTION).unprepare(d)
-        self.cdi.remove_claim_spec(recorded.uid)
+            with stage("mig_destroy" if d.mig is not None else "device_action"):
+                self.actions.get(d.kind, NO_ACTION).unprepare(d)
+        with stage("cdi_delete"):
+            self.cdi.remove_claim_spec(recorded.uid)
 
     def _rollback(self, recorded: PreparedClaim) -> None:
         """Undo whatever an unfinished prepare may have done; every step tolerates "never happened"."""
@@ -458,7 +464,7 @@ class DeviceState:
     @contextlib.contextmanager
     def _checkpoint_write(self, what: str) -> Iterator[None]:
         """Serialise a checkpoint write; a failure drops the cached copy and is a temporary error."""
-        with self._cp_guard:
+        with self._cp_guard, stage("checkpoint_write"):
             try:
                 yield
             except (DriverError, OSError) as exc:
@@ -863,12 +869,12 @@ class DeviceLocks:
         Raises:
             TemporaryClaimError: a lock was not free within the timeout.
         """
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack, stage("lock_wait"):
             deadline = time.monotonic() + self._timeout_s
             for key in sorted(set(keys)):
                 lock = self._thread_lock(key)
                 if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    raise TemporaryClaimError(
+                    raise LockBusyError(
                         f"timed out after {self._timeout_s:.0f}s waiting for the lock of {key}: another "
                         "prepare or unprepare on that GPU is still running; the kubelet will retry"
                     )
@@ -878,7 +884,7 @@ class DeviceLocks:
                     try:
                         stack.enter_context(FileLock(self._lock_dir / f"{key}.lock", remaining))
                     except LockTimeoutError as exc:
-                        raise TemporaryClaimError(str(exc)) from exc
+                        raise LockBusyError(str(exc)) from exc
             yield
 
 
