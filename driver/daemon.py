@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from driver.nvml.mig import NvmlMigBackend
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
+    from driver.taints import DeviceTaints, TaintSync
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +121,7 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _taint_sync: TaintSync | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
 
@@ -200,7 +202,8 @@ class Daemon:
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
-        from driver.health import HealthMonitor, open_source
+        from driver.health import IGNORED_XIDS, HealthMonitor, open_source
+        from driver.recovery import ClearRequests, NvmlRecoveryProbe, RecoveryRules
 
         cfg = self.cfg
         monitor = HealthMonitor(
@@ -211,10 +214,36 @@ class Daemon:
                 nvml,
                 (d.gpu_uuid for d in state.inventory.devices),
                 fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+                ignored=IGNORED_XIDS | cfg.additional_xids_to_ignore,
             ),
+            recovery=RecoveryRules(NvmlRecoveryProbe(nvml)),
+            recovery_poll_s=cfg.recovery_poll_s,
+            clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
         self._health.attach(monitor)
+        self._start_taints(monitor)
+
+    def _start_taints(self, monitor: HealthMonitor) -> None:
+        """Device taints from the health snapshots (gate NVMLDeviceHealthCheck), plus the status file."""
+        from driver.taints import STATUS_FILE, TaintSync
+
+        cfg = self.cfg
+        taints_on = cfg.gate("NVMLDeviceHealthCheck")
+
+        def publish(taints: DeviceTaints) -> None:
+            if self._publisher is not None:
+                self._publisher.set_taints(taints)
+
+        sync = TaintSync(
+            monitor,
+            publish if taints_on and cfg.publish else None,
+            cfg.state_dir / STATUS_FILE,
+            lost_effect=cfg.gpu_lost_taint_effect,
+        )
+        sync.start()
+        self._taint_sync = sync if taints_on else None
+        self._closers.append(sync.stop)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -392,8 +421,14 @@ class Daemon:
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
         publisher = SlicePublisher(
-            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+            kube,
+            self.cfg.node_name,
+            self.cfg.driver_name,
+            on_dropped_fields=self._fields_dropped,
+            taintable=self._taint_sync is not None,
         )
+        if self._taint_sync is not None:
+            publisher.set_taints(self._taint_sync.current)
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
@@ -404,6 +439,14 @@ class Daemon:
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
         placements there would let the scheduler hand out overlapping MIG slices.
         """
+        if any(f.endswith(".taints") for f in fields):
+            log.warning(
+                "API server does not keep device taints; unhealthy GPUs stay schedulable "
+                "(the kubelet's health stream still reports them)",
+                fields=list(fields),
+                fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
+                "(on by default from Kubernetes 1.36)",
+            )
         if self._static_fallback or not any("ounter" in f for f in fields):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
