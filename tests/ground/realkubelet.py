@@ -596,7 +596,9 @@ class RealKubelet:
             return {}
         api: Any = self.control_plane.api_client()
         try:
-            pods = kclient.CoreV1Api(api).list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node_name}")
+            pods: Any = kclient.CoreV1Api(api).list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={self.node_name}"
+            )
         finally:
             api.close()
         uids = {f"{p.metadata.namespace}/{p.metadata.name}": str(p.metadata.uid) for p in pods.items}
