@@ -36,6 +36,16 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "DRAListTypeAttributes": False,
 }
 
+#: Gates NVIDIA's chart knows that this build does not implement: accepted as false (so a values
+#: file written for that chart keeps working), refused as true, because a gate that is silently
+#: ignored makes an operator believe a feature is on.
+UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
+    "PassthroughSupport": "VFIO passthrough of whole GPUs",
+    "NVMLDeviceHealthCheck": "device taints from NVML health events (the kubelet health stream is always on)",
+    "DRAListTypeAttributes": "list-typed device attributes",
+    "ConsumableShares": "consumable GPU shares",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -415,11 +425,11 @@ def _api_problems(cfg: Config) -> list[str]:
 
 def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
     # MIG and MPS combine here (NVIDIA's driver refuses DynamicMIG with MPSSupport).
-    exclusive = (("DynamicMIG", "PassthroughSupport"),)
     return [
-        f"--feature-gates / FEATURE_GATES: {a} and {b} cannot both be enabled; disable one"
-        for a, b in exclusive
-        if gates.get(a) and gates.get(b)
+        f"--feature-gates / FEATURE_GATES: {name}=true is not implemented by gpu-dra ({what}); "
+        f"remove it or set {name}=false (chart: plugin.featureGates.{name})"
+        for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
+        if gates.get(name)
     ]
 
 
