@@ -218,22 +218,32 @@ _FLAGS: tuple[_Flag, ...] = (
 )
 
 
-def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
-    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later)."""
+def add_plugin_flags(
+    parser: argparse.ArgumentParser, *, hidden: bool = False, skip: Sequence[str] = ()
+) -> None:
+    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later).
+
+    The debug commands take them ``hidden`` (accepted, not in their help, which shows only the
+    command's own flags) and ``skip`` those they define themselves.
+    """
     for spec in _FLAGS:
+        if spec.flag in skip:
+            continue
         env_help = " / ".join(spec.env)
         default_help = f" Default: {spec.default}." if spec.default else ""
         parser.add_argument(
             spec.flag,
             default=None,
             choices=spec.choices,
-            help=f"{spec.help}{default_help} Env: {env_help}.",
+            help=argparse.SUPPRESS if hidden else f"{spec.help}{default_help} Env: {env_help}.",
         )
     parser.add_argument(
         "--no-publish",
         action="store_true",
         default=None,
-        help="Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
+        help=argparse.SUPPRESS
+        if hidden
+        else "Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
     )
 
 
@@ -297,7 +307,11 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
             "--mps-ready-timeout / MPS_READY_TIMEOUT must be a number of seconds, "
             f"got {v['mps_ready_timeout']!r}"
         ) from None
-    no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
+    no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     driver_root = Path(v["driver_root"] or "/")
     return Config(
         node_name=v["node_name"] or "",

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,66 @@ JsonDict = dict[str, Any]
 
 class ResourceNotServedError(ApiNotFoundError):
     """A 404 that names no object: the server does not serve this path (API version) at all."""
+
+
+class CredentialsError(ApiError):
+    """No usable Kubernetes credentials: no kubeconfig found, unreadable, or no such context."""
+
+
+def user_agent() -> str:
+    """``gpu-dra/<version>``: what our requests call themselves in API server logs and audit."""
+    from driver import version
+
+    return f"gpu-dra/{version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where a command's Kubernetes credentials come from (see :func:`resolve_credentials`)."""
+
+    kubeconfig: str | None
+    """A kubeconfig path or a ``:``-separated list; None means the in-cluster service account."""
+
+    source: str
+    """How it was found: ``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or ``in-cluster``."""
+
+    context: str | None = None
+
+
+def resolve_credentials(
+    flag: str | None,
+    context: str | None = None,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Credentials:
+    """kubectl's and helm's order: ``--kubeconfig``, then ``$KUBECONFIG``, then
+    ``~/.kube/config``, then the pod's service account (in-cluster).
+
+    Raises:
+        CredentialsError: none of them is there; the message lists what was tried.
+    """
+    environ = os.environ if env is None else env
+    if flag:
+        return Credentials(flag, "--kubeconfig", context)
+    listed = environ.get("KUBECONFIG", "")
+    if any(p for p in listed.split(os.pathsep)):
+        return Credentials(listed, "$KUBECONFIG", context)
+    default = (home if home is not None else Path(environ.get("HOME") or Path.home())) / ".kube" / "config"
+    if default.is_file():
+        return Credentials(str(default), "~/.kube/config", context)
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        if context:
+            raise CredentialsError(
+                f"--context {context!r} needs a kubeconfig, and none was found (in a pod the service "
+                "account is used); pass --kubeconfig or drop --context",
+                reason="ConfigInvalid",
+            )
+        return Credentials(None, "in-cluster", None)
+    raise CredentialsError(
+        "no Kubernetes credentials: pass --kubeconfig, set $KUBECONFIG, create ~/.kube/config "
+        f"(looked at {default}), or run this in the plugin's pod",
+        reason="ConfigInvalid",
+    )
 
 
 class RateLimiter:
@@ -164,8 +226,15 @@ class Kube:
         self._version_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, kubeconfig: Path | None, request_timeout_s: float = 10.0) -> Kube:
-        """A client from a kubeconfig file, or the pod's service account when ``kubeconfig`` is None."""
+    def from_config(
+        cls, kubeconfig: Path | str | None, request_timeout_s: float = 10.0, *, context: str | None = None
+    ) -> Kube:
+        """A client from a kubeconfig (a file, or a ``:``-separated list of files merged as
+        kubectl does), or the pod's service account when ``kubeconfig`` is None.
+
+        ``context`` picks a context of the kubeconfig other than its current one. Every request
+        carries the user agent ``gpu-dra/<version>``, so API server logs and audit name us.
+        """
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -174,16 +243,19 @@ class Kube:
                 config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             else:
                 config.load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=str(kubeconfig), client_configuration=configuration
+                    config_file=str(kubeconfig), context=context, client_configuration=configuration
                 )
         except Exception as exc:
             where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
-            raise ApiError(
-                f"cannot load Kubernetes credentials from {where}: {exc}; "
+            what = f" (context {context!r})" if context else ""
+            raise CredentialsError(
+                f"cannot load Kubernetes credentials from {where}{what}: {str(exc).rstrip('.')}; "
                 "pass --kubeconfig with a readable file, or run in a pod with a service account",
                 reason="ConfigInvalid",
             ) from exc
-        return cls(client.ApiClient(configuration), request_timeout_s=request_timeout_s)
+        api_client = client.ApiClient(configuration)
+        api_client.user_agent = user_agent()
+        return cls(api_client, request_timeout_s=request_timeout_s)
 
     # -- raw requests ---------------------------------------------------------------------------
 

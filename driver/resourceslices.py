@@ -118,8 +118,38 @@ def encode_attribute(value: AttributeValue) -> JsonDict:
     return {"string": value}
 
 
+_BINARY_STEPS = (
+    ("Ei", 1024**6),
+    ("Pi", 1024**5),
+    ("Ti", 1024**4),
+    ("Gi", 1024**3),
+    ("Mi", 1024**2),
+    ("Ki", 1024),
+)
+_DECIMAL_STEPS = (("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
+
+
+def canonical_quantity(value: int, binary: bool = True) -> str:
+    """``value`` as the API server writes a quantity of that format: ``40Gi``, ``4864Mi``, ``1k``.
+
+    Bytes are binary quantities (``resource.BinarySI``, what NVIDIA's driver publishes), counts
+    decimal ones; the largest suffix that divides the value exactly wins, as in Kubernetes'
+    canonical form, so ``kubectl get resourceslices -o yaml`` shows what people expect.
+    """
+    if value == 0:
+        return "0"
+    for suffix, step in _BINARY_STEPS if binary else _DECIMAL_STEPS:
+        if value % step == 0:
+            return f"{value // step}{suffix}"
+    return str(value)
+
+
+def _quantity(name: str, value: int) -> JsonDict:
+    return {"value": canonical_quantity(value, binary=name == "memory")}
+
+
 def _counters(values: Mapping[str, int]) -> JsonDict:
-    return {name: {"value": str(values[name])} for name in sorted(values, key=natural_key)}
+    return {name: _quantity(name, values[name]) for name in sorted(values, key=natural_key)}
 
 
 def encode_device(device: AllocatableDevice) -> JsonDict:
@@ -128,7 +158,7 @@ def encode_device(device: AllocatableDevice) -> JsonDict:
     if device.attributes:
         out["attributes"] = {k: encode_attribute(device.attributes[k]) for k in sorted(device.attributes)}
     if device.capacity:
-        out["capacity"] = {k: {"value": str(device.capacity[k])} for k in sorted(device.capacity)}
+        out["capacity"] = {k: _quantity(k, device.capacity[k]) for k in sorted(device.capacity)}
     if device.consumes_counters:
         out["consumesCounters"] = [
             {"counterSet": c.counter_set, "counters": _counters(c.counters)} for c in device.consumes_counters
