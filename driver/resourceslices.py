@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 JsonDict = dict[str, Any]
 
 API_VERSION = "resource.k8s.io/v1"
+#: How long a watch event waits for our own write's response to tell an echo from a change.
+ECHO_WAIT_S = 15.0
 
 # Limits of resource.k8s.io/v1 (Kubernetes 1.36 types.go), see kubelet-dra-protocol.md 4.
 MAX_DEVICES_PER_SLICE = 128
@@ -996,6 +998,9 @@ class SlicePublisher:
         self._reported_dropped: set[str] = set()
         self._partitionable_probed = False
         self._own_versions: set[str] = set()  # resourceVersions our writes produced
+        # Writes sent and not yet answered: the watch may deliver a write's event before its
+        # response arrives, and must then wait for the response to tell an echo from a change.
+        self._writes_in_flight = 0
         self._own_deletes: set[str] = set()  # uids we deleted
         self._watch: SliceWatchHandle | None = None
         self._threads: list[threading.Thread] = []
@@ -1180,15 +1185,17 @@ class SlicePublisher:
             body["metadata"]["ownerReferences"] = wanted["metadata"].get("ownerReferences", [])
             body["metadata"].pop("managedFields", None)
             self._api_writes += 1
-            result = self._kube.update_slice(body)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.update_slice(body)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice updated", slice=result["metadata"].get("name"), generation=plan.generation
             )
         for wanted in plan.creates:
             self._api_writes += 1
-            result = self._kube.create_slice(wanted)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.create_slice(wanted)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice created",
                 slice=result["metadata"].get("name"),
@@ -1256,6 +1263,17 @@ class SlicePublisher:
         want = _fingerprint(comparable_spec(desired))
         return have in (want, self._adopted.get(want))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writes_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writes_in_flight -= 1
+                self._cond.notify_all()
+
     def _remember_write(self, sent: JsonDict, stored: JsonDict) -> None:
         with self._cond:
             if len(self._own_versions) > 1000:
@@ -1296,6 +1314,12 @@ class SlicePublisher:
                     return True
                 return False
             version = str(metadata.get("resourceVersion", ""))
+            # Our own create/update may still be waiting for its response (the watch is faster);
+            # once no write is in flight, the versions we caused are all known.
+            self._cond.wait_for(
+                lambda: version in self._own_versions or self._writes_in_flight == 0 or self._stopping,
+                timeout=ECHO_WAIT_S,
+            )
             if version in self._own_versions:
                 self._own_versions.discard(version)
                 return True

@@ -232,6 +232,8 @@ def _object(value: object, path: str, allowed: Sequence[str]) -> Mapping[str, An
 
 
 def _enum(value: object, path: str, allowed: Sequence[str], what: str) -> str:
+    if value is None:
+        raise ConfigError(path, f"is missing; set it to one of: {', '.join(allowed)}")
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(path, f"{value!r} is not a valid {what}; allowed values: {', '.join(allowed)}")
     return value
@@ -335,6 +337,8 @@ def decode_config(parameters: Mapping[str, Any] | str | bytes) -> DeviceConfig:
             ) from exc
     obj = _object(parameters, "", ("apiVersion", "kind", "sharing"))
     api_version = obj.get("apiVersion")
+    if api_version is None:
+        raise ConfigError("apiVersion", f"is missing; add apiVersion: {API_VERSION}")
     if api_version != API_VERSION:
         raise ConfigError("apiVersion", f"{api_version!r} is not supported; use {API_VERSION}")
     kind = _enum(obj.get("kind"), "kind", KINDS, "kind")

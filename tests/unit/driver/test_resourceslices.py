@@ -1327,3 +1327,33 @@ def test_quantities_are_written_in_canonical_form(value: int, binary: bool, text
 
     assert canonical_quantity(value, binary) == text
     assert parse_quantity(text) == value
+
+
+class FastWatchKube(FakeKube):
+    """A server whose watch delivers a create's ADDED event before the create's response."""
+
+    def create_slice(self, resource_slice: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        if not dry_run:
+            wait_for(lambda: bool(self._watches), 5.0)  # the publisher's watch is running
+        result = super().create_slice(resource_slice, dry_run=dry_run)
+        if not dry_run:
+            # Hold the response until the watch thread has taken the event (bounded, not asserted).
+            wait_for(lambda: all(w.events.empty() for w in self._watches), 2.0)
+            time.sleep(0.2)
+        return result
+
+
+def test_publisher_recognises_its_own_create_when_the_watch_is_faster(publisher_for):
+    """The ADDED event of a slice we just created is our own write, not a change behind our back."""
+    from structlog.testing import capture_logs
+
+    kube = FastWatchKube()
+    publisher = publisher_for(kube)
+    with capture_logs() as logs:
+        publisher.start(a100_inventory(8))
+        assert publisher.wait_synced(10)
+        assert wait_for(lambda: any(e["event"] == "resource slice created" for e in logs))
+        writes = kube.writes
+        time.sleep(0.3)  # room for a wrong re-sync to show (nothing asserts on time)
+    assert [e for e in logs if "behind our back" in e["event"]] == []
+    assert kube.writes == writes == 1
