@@ -39,6 +39,7 @@ from driver.inventory import Inventory
 from driver.kubeletplugin import KubeletPlugin, SocketPaths
 from driver.kubeletplugin.claims import Claim, ClaimSource, DirectoryClaimSource, KubeClaimSource
 from driver.kubeletplugin.draservice import DraService
+from driver.kubeletplugin.sockets import private_dir
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore
@@ -117,7 +118,7 @@ class Daemon:
 
     def _start(self) -> None:
         cfg = self.cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.state_dir)  # checkpoint, locks, sockets: 0700 whatever the umask
         # Importing the Kubernetes client costs more than the rest of start-up together; it runs
         # while NVML opens and discovers, so the kubelet finds the sockets sooner.
         kube_future: Future[Kube] | None = None

@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,25 @@ RESOURCE_GROUP = "resource.k8s.io"
 RESOURCE_VERSIONS = ("v1", "v1beta2", "v1beta1")
 
 JsonDict = dict[str, Any]
+
+#: The most a claim GET may take in all (discovery, version fallback and each attempt together):
+#: the kubelet gives NodePrepareResources 45 s, and the prepare itself needs time after the GET.
+CLAIM_FETCH_BUDGET_S = 15.0
+
+
+def segment(value: str) -> str:
+    """One API path segment (namespace, name), escaped so it can never add a segment or a query.
+
+    Callers validate names first (``driver.kubeletplugin.claims.check_claim_ref``); this is the
+    second wall: ``../x`` or ``a?b`` stays inside its own segment, and an empty or dot-only value
+    is refused outright.
+
+    Raises:
+        ValueError: ``value`` is empty, ``.`` or ``..``.
+    """
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} cannot be an API path segment (an object name or namespace)")
+    return urllib.parse.quote(value, safe="")
 
 
 class ResourceNotServedError(ApiNotFoundError):
@@ -253,6 +273,9 @@ class Kube:
                 "pass --kubeconfig with a readable file, or run in a pod with a service account",
                 reason="ConfigInvalid",
             ) from exc
+        # urllib3 would otherwise retry a timed-out GET three more times on its own (four 10 s
+        # attempts against a hung server): callers own the retry policy (see the module docstring).
+        configuration.retries = 0
         api_client = client.ApiClient(configuration)
         api_client.user_agent = user_agent()
         return cls(api_client, request_timeout_s=request_timeout_s)
@@ -266,9 +289,20 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: JsonDict | None = None,
         limiter: RateLimiter | None = None,
+        *,
+        deadline: float | None = None,
     ) -> JsonDict:
+        timeout = self._timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise ApiError(
+                    f"{method} {path} not sent: the call's time budget is spent; the API server is slow "
+                    "or unreachable",
+                    reason="Timeout",
+                )
         response = self._send(
-            method, path, query=query, body=body, timeout=self._timeout, stream=False, limiter=limiter
+            method, path, query=query, body=body, timeout=timeout, stream=False, limiter=limiter
         )
         data = response.read()
         try:
@@ -334,16 +368,16 @@ class Kube:
             ) from exc
         return major, minor
 
-    def resource_api_version(self) -> str:
+    def resource_api_version(self, deadline: float | None = None) -> str:
         """The newest resource.k8s.io version the server serves (v1, v1beta2 or v1beta1); cached."""
         with self._version_lock:
             if self._resource_version is None:
-                self._resource_version = self._discover_resource_version()
+                self._resource_version = self._discover_resource_version(deadline)
             return self._resource_version
 
-    def _discover_resource_version(self) -> str:
+    def _discover_resource_version(self, deadline: float | None = None) -> str:
         try:
-            group = self._request("GET", f"/apis/{RESOURCE_GROUP}")
+            group = self._request("GET", f"/apis/{RESOURCE_GROUP}", deadline=deadline)
         except ApiNotFoundError as exc:
             raise ApiNotFoundError(
                 f"the API server does not serve {RESOURCE_GROUP}; enable Dynamic Resource Allocation "
@@ -373,6 +407,8 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body_for: Any = None,
         limiter: RateLimiter | None = None,
+        *,
+        deadline: float | None = None,
     ) -> tuple[str, JsonDict]:
         """Call ``/apis/resource.k8s.io/<version>/<subpath>`` on the served version.
 
@@ -381,11 +417,11 @@ class Kube:
         once and retry on the version the server serves now.
         """
         for attempt in range(2):
-            version = self.resource_api_version()
+            version = self.resource_api_version(deadline)
             body = body_for(version) if body_for is not None else None
             path = f"/apis/{RESOURCE_GROUP}/{version}/{subpath}"
             try:
-                return version, self._request(method, path, query, body, limiter)
+                return version, self._request(method, path, query, body, limiter, deadline=deadline)
             except ApiNotFoundError as exc:
                 if attempt == 0 and isinstance(exc, ResourceNotServedError):
                     self._forget_resource_version()
@@ -395,10 +431,21 @@ class Kube:
 
     # -- claims and nodes -----------------------------------------------------------------------
 
-    def get_resource_claim(self, namespace: str, name: str) -> JsonDict:
-        """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it."""
+    def get_resource_claim(
+        self, namespace: str, name: str, budget_s: float = CLAIM_FETCH_BUDGET_S
+    ) -> JsonDict:
+        """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it.
+
+        Everything this takes (version discovery, the fallback, each attempt) fits in ``budget_s``:
+        each attempt's timeout is what is left of it, so a hung API server yields an
+        :class:`ApiError` in time for the caller to answer the kubelet with a temporary error
+        instead of running into the kubelet's deadline.
+        """
         version, claim = self._resource_call(
-            "GET", f"namespaces/{namespace}/resourceclaims/{name}", limiter=self._claim_limiter
+            "GET",
+            f"namespaces/{segment(namespace)}/resourceclaims/{segment(name)}",
+            limiter=self._claim_limiter,
+            deadline=time.monotonic() + budget_s,
         )
         return normalise_claim(claim, version)
 
@@ -413,7 +460,7 @@ class Kube:
 
     def get_device_class(self, name: str) -> JsonDict:
         """The DeviceClass ``name`` (its ``spec.selectors`` read the same in v1, v1beta2, v1beta1)."""
-        version, device_class = self._resource_call("GET", f"deviceclasses/{name}")
+        version, device_class = self._resource_call("GET", f"deviceclasses/{segment(name)}")
         device_class["apiVersion"] = f"{RESOURCE_GROUP}/v1"
         device_class.setdefault("kind", "DeviceClass")
         log.debug("device class read", name=name, served_as=version)
@@ -421,7 +468,7 @@ class Kube:
 
     def get_node(self, name: str) -> JsonDict:
         """The Node object (``metadata.uid`` is what slice owner references need)."""
-        return self._request("GET", f"/api/v1/nodes/{name}")
+        return self._request("GET", f"/api/v1/nodes/{segment(name)}")
 
     # -- resource slices ------------------------------------------------------------------------
 
@@ -457,7 +504,7 @@ class Kube:
         """Replace a slice; its ``metadata.resourceVersion`` makes it a compare-and-swap (409 on races)."""
         name = str(resource_slice["metadata"]["name"])
         version, stored = self._resource_call(
-            "PUT", f"resourceslices/{name}", body_for=lambda v: slice_to_version(resource_slice, v)
+            "PUT", f"resourceslices/{segment(name)}", body_for=lambda v: slice_to_version(resource_slice, v)
         )
         return slice_from_version(stored, version)
 
@@ -467,7 +514,7 @@ class Kube:
         if resource_version:
             preconditions["resourceVersion"] = resource_version
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": preconditions}
-        self._resource_call("DELETE", f"resourceslices/{name}", body_for=lambda _v: body)
+        self._resource_call("DELETE", f"resourceslices/{segment(name)}", body_for=lambda _v: body)
 
     def watch_slices(
         self, driver: str, node: str, resource_version: str = "", timeout_s: int = 300

@@ -946,6 +946,17 @@ class SliceApi(Protocol):
     ) -> SliceWatchHandle: ...
 
 
+#: Longest wait between two attempts of a failing sync or watch. Short on purpose: after an API
+#: server outage the node's slices (deleted meanwhile by whoever cleans up) come back within a few
+#: seconds of the server; the client-side rate limit keeps the retries gentle.
+BACKOFF_MAX_S = 5.0
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """The wait before retry number ``failures`` (1 = after the first failure), without jitter."""
+    return min(max_s, initial_s * float(2 ** min(failures - 1, 62)))
+
+
 class SlicePublisher:
     """Keeps this node's pool of ResourceSlices equal to the inventory, in a background thread.
 
@@ -968,7 +979,7 @@ class SlicePublisher:
         resync_delay_s: float = 1.0,
         on_dropped_fields: Callable[[tuple[str, ...]], None] | None = None,
         backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 60.0,
+        backoff_max_s: float = BACKOFF_MAX_S,
         watch_timeout_s: int = 300,
     ) -> None:
         self._kube = kube
@@ -1116,7 +1127,7 @@ class SlicePublisher:
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
                 self._last_error = exc
                 self._failures += 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** (self._failures - 1))
+                delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
                 delay *= 1 + random.uniform(0, 0.2)  # noqa: S311 - jitter, not security
                 log.warning(
                     "resource slice sync failed",
@@ -1361,7 +1372,7 @@ class SlicePublisher:
                     if self._stopping:
                         return
                 failures += 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** (failures - 1))
+                delay = backoff_delay(failures, self._backoff_initial, self._backoff_max)
                 log.warning(
                     "resource slice watch failed",
                     node=self._node,

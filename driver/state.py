@@ -219,8 +219,10 @@ class DeviceState:
             for held in other.devices:
                 if held.device in exclusive and not held.admin_access and held.share_id is None:
                     raise PermanentClaimError(
-                        f"device {held.device} is already prepared for claim {other.namespace}/{other.name}:"
-                        f"{other.uid}; a device is given to one claim at a time - wait for that pod to end "
+                        # The holder may live in another namespace, and this text reaches the
+                        # pod's events: name it by UID only.
+                        f"device {held.device} is already prepared for another claim (UID {other.uid}); "
+                        "a device is given to one claim at a time - wait for that pod to end "
                         "(or use adminAccess for monitoring)"
                     )
 

@@ -39,6 +39,7 @@ from driver.debug.explain import (
     NodeDevices,
     classes_from_objects,
     explain,
+    load_cel,
     node_from_slices,
     parse_claim,
 )
@@ -386,6 +387,7 @@ def _explanation_text(exp: Explanation, node_label: str, extra: Mapping[str, Any
 
 
 def run_explain(args: argparse.Namespace, out: TextIO) -> int:
+    load_cel()  # before any file or API server is read: without the [cel] extra nothing can be answered
     cfg = _config(args)
     claim_obj = _read_claim(args)
     claim = parse_claim(claim_obj)

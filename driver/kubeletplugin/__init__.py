@@ -19,7 +19,12 @@ import structlog
 from driver.kubeletapi import registration_pb2_grpc
 from driver.kubeletplugin.draservice import DraService, dra_handlers, serve
 from driver.kubeletplugin.registration import RegistrationServicer
-from driver.kubeletplugin.sockets import OwnedSocket, SocketPaths, prepare_socket_path
+from driver.kubeletplugin.sockets import (
+    OwnedSocket,
+    SocketPaths,
+    prepare_socket_path,
+    restrict_socket,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -73,9 +78,10 @@ class KubeletPlugin:
     def _listen(
         self, path: Path, handlers: Sequence[Callable[[grpc.Server], None]], workers: int
     ) -> grpc.Server:
-        prepare_socket_path(path)
+        prepare_socket_path(path, own_dir=path == self.paths.dra)
         owned = OwnedSocket(path)
         server = serve(path, handlers, workers)
+        restrict_socket(path)
         owned.mark_bound()
         self._owned.append(owned)
         return server

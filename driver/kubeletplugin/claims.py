@@ -12,6 +12,7 @@ results[]`` ...). This module does not interpret results; that is ``driver.state
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,54 @@ class ClaimRef:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}:{self.uid}"
+
+
+# Kubernetes' own rules (apimachinery validation): a namespace is a DNS-1123 label, an object
+# name a DNS-1123 subdomain. Checked before the name reaches a URL, a log key or a file name.
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# API server UIDs are RFC 4122 UUIDs; the looser rule (letters, digits, '.', '_', '-') keeps
+# test UIDs working and is the one CDI names and spec files accept.
+_UID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+MAX_LABEL = 63
+MAX_SUBDOMAIN = 253
+MAX_UID = 128
+
+
+def _shown(value: str) -> str:
+    """``value`` for an error message: quoted, and cut short so a huge name cannot flood a log."""
+    return repr(value) if len(value) <= 80 else repr(value[:80]) + f"... ({len(value)} characters)"
+
+
+def check_claim_ref(ref: ClaimRef) -> None:
+    """Refuse a claim reference Kubernetes itself could never have produced.
+
+    Raises:
+        PermanentClaimError: the namespace, name or UID breaks Kubernetes' naming rules; nothing
+            was fetched or changed.
+    """
+    problems = []
+    if len(ref.namespace) > MAX_LABEL or not _DNS1123_LABEL.fullmatch(ref.namespace):
+        problems.append(
+            f"namespace {_shown(ref.namespace)} is not a DNS-1123 label (at most {MAX_LABEL} lowercase "
+            "letters, digits and '-', starting and ending with a letter or digit)"
+        )
+    if len(ref.name) > MAX_SUBDOMAIN or not _DNS1123_SUBDOMAIN.fullmatch(ref.name):
+        problems.append(
+            f"name {_shown(ref.name)} is not a DNS-1123 subdomain (at most {MAX_SUBDOMAIN} lowercase "
+            "letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        )
+    if len(ref.uid) > MAX_UID or not _UID.fullmatch(ref.uid):
+        problems.append(
+            f"UID {_shown(ref.uid)} is not a Kubernetes UID "
+            f"(letters, digits, '-', '.', '_', at most {MAX_UID})"
+        )
+    if problems:
+        raise PermanentClaimError(
+            "refused claim reference: "
+            + "; ".join(problems)
+            + "; the kubelet only sends names the API server accepted - check what is calling the plugin"
+        )
 
 
 class ClaimSource(Protocol):
@@ -117,9 +166,11 @@ def fetch_allocated(source: ClaimSource, ref: ClaimRef) -> Claim:
     """Fetch ``ref`` and check it is the allocated claim the kubelet meant.
 
     Raises:
-        PermanentClaimError: the claim is gone, was replaced (other UID) or is not allocated.
+        PermanentClaimError: the reference breaks Kubernetes' naming rules (nothing is fetched),
+            the claim is gone, was replaced (other UID) or is not allocated.
         TemporaryClaimError: the API server could not be asked; the kubelet's retry may succeed.
     """
+    check_claim_ref(ref)
     try:
         claim = source.get(ref.namespace, ref.name)
     except ApiNotFoundError as exc:

@@ -33,7 +33,7 @@ import structlog
 
 from driver.errors import ClaimError
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
-from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, fetch_allocated
+from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, check_claim_ref, fetch_allocated
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +91,15 @@ def _dedupe(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _ambiguous_uid(uid: str, names: Sequence[str], rpc: str) -> str:
+    shown = ", ".join(n if len(n) <= 80 else n[:80] + "..." for n in names[:4])
+    what = "prepared" if rpc == "NodePrepareResources" else "unprepared"
+    return (
+        f"claim UID {uid[:128]} was sent {len(names)} times in one call under different names ({shown}); "
+        f"nothing was {what} for it in this call - one UID names one claim; check what is calling the plugin"
+    )
+
+
 def _error_text(exc: BaseException, what: str, ref: ClaimRef) -> str:
     if isinstance(exc, ClaimError):
         return str(exc)
@@ -127,10 +136,30 @@ class DraService:
         if not refs:
             return {}  # the kubelet's (and our health check's) liveness probe: answer at once
         request_id = next(_request_ids)
-        if len(refs) == 1:
-            return {refs[0].uid: one(refs[0], rpc, request_id)}
-        futures = [self._pool.submit(one, ref, rpc, request_id) for ref in refs]
-        return {ref.uid: fut.result() for ref, fut in zip(refs, futures, strict=True)}
+        # The reply has one entry per UID, so a UID sent twice gets one answer: the same reference
+        # twice is done once; one UID under two names is refused before anything is done, so the
+        # single entry tells the truth about both.
+        by_uid: dict[str, list[ClaimRef]] = {}
+        for ref in refs:
+            by_uid.setdefault(ref.uid, []).append(ref)
+        outcomes: dict[str, ClaimOutcome] = {}
+        todo: list[ClaimRef] = []
+        for uid, same in by_uid.items():
+            names = sorted({f"{r.namespace}/{r.name}" for r in same})
+            if len(names) > 1:
+                outcomes[uid] = ClaimOutcome(error=_ambiguous_uid(uid, names, rpc))
+                log.warning(
+                    "claim UID sent under several names; refused", claim_uid=uid, names=names, rpc=rpc
+                )
+            else:
+                todo.append(same[0])
+        if len(todo) == 1:
+            outcomes[todo[0].uid] = one(todo[0], rpc, request_id)
+        elif todo:
+            futures = [self._pool.submit(one, ref, rpc, request_id) for ref in todo]
+            for ref, fut in zip(todo, futures, strict=True):
+                outcomes[ref.uid] = fut.result()
+        return {uid: outcomes[uid] for uid in by_uid}
 
     def _prepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
         with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
@@ -166,6 +195,7 @@ class DraService:
         with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
             started = time.perf_counter()
             try:
+                check_claim_ref(ref)
                 self.preparer.unprepare(ref)
             except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
                 self._log_failure(exc, "unprepare failed")

@@ -1357,3 +1357,14 @@ def test_publisher_recognises_its_own_create_when_the_watch_is_faster(publisher_
         time.sleep(0.3)  # room for a wrong re-sync to show (nothing asserts on time)
     assert [e for e in logs if "behind our back" in e["event"]] == []
     assert kube.writes == writes == 1
+
+
+def test_publisher_backoff_is_capped_at_a_few_seconds():
+    """After a long API server outage slices return within seconds (a 60 s cap once took 35 s)."""
+    from driver.resourceslices import BACKOFF_MAX_S, backoff_delay
+
+    publisher = SlicePublisher(FakeKube(), NODE, DRIVER)
+    assert BACKOFF_MAX_S <= 5.0
+    delays = [backoff_delay(n, publisher._backoff_initial, publisher._backoff_max) for n in range(1, 200)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(delays) == BACKOFF_MAX_S
