@@ -227,18 +227,25 @@ class HealthMonitor:
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """End every waiting stream, let the current source wait finish, then release the source."""
+    def stop(self, join_s: float | None = None) -> bool:
+        """End every waiting stream, let the current source wait finish, then release the source.
+
+        ``join_s`` bounds how long to wait for that source wait (None: up to ``wait_s`` + 5 s).
+        Returns whether the monitor thread ended; if not, the source is left open - freeing an
+        NVML event set another thread waits on is undefined - which at process exit is harmless.
+        """
         with self._cond:
-            if self._stopped:
-                return
+            already = self._stopped
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(self._wait_s + 5.0)
+            self._thread.join(self._wait_s + 5.0 if join_s is None else join_s)
+            if self._thread.is_alive():
+                return False
             self._thread = None
-        # Only after the last wait: freeing an NVML event set another thread waits on is undefined.
-        self._source.close()
+        if not already:
+            self._source.close()
+        return True
 
     @property
     def stopped(self) -> bool:

@@ -16,20 +16,34 @@ background work that must stay gentle (client-go's 5 qps, burst 10); claim GETs 
 kubelet's critical path - a kubelet syncing 64 pods sends 64 prepare calls at once, and each
 needs its claim - so they get their own, larger budget (50 qps, burst 100) instead of queueing
 behind each other for seconds.
+
+The transport keeps only what the ``kubernetes`` package does best: its ``Configuration`` (from a
+kubeconfig or the pod's service account, with the token refresh hooks) and the TLS connection
+pool its REST client builds from it (CA, client certificates, proxy, SNI). Requests go straight
+to that urllib3 pool over one keep-alive connection per concurrent caller, with JSON bodies
+encoded and decoded here. The generated ``ApiClient`` - with its pydantic models and the
+per-request serialisation passes - is not used: the daemon never needed it, and the package's
+``__init__`` pulls in the dynamic client, watch, stream, OAuth and YAML helpers, about 23 MiB
+resident and 0.3-0.8 s of import, so :func:`_import_lean` loads just the modules named above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import structlog
 
@@ -65,66 +79,6 @@ def segment(value: str) -> str:
 
 class ResourceNotServedError(ApiNotFoundError):
     """A 404 that names no object: the server does not serve this path (API version) at all."""
-
-
-class CredentialsError(ApiError):
-    """No usable Kubernetes credentials: no kubeconfig found, unreadable, or no such context."""
-
-
-def user_agent() -> str:
-    """``gpu-dra/<version>``: what our requests call themselves in API server logs and audit."""
-    from driver import version
-
-    return f"gpu-dra/{version()}"
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """Where a command's Kubernetes credentials come from (see :func:`resolve_credentials`)."""
-
-    kubeconfig: str | None
-    """A kubeconfig path or a ``:``-separated list; None means the in-cluster service account."""
-
-    source: str
-    """How it was found: ``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or ``in-cluster``."""
-
-    context: str | None = None
-
-
-def resolve_credentials(
-    flag: str | None,
-    context: str | None = None,
-    env: Mapping[str, str] | None = None,
-    home: Path | None = None,
-) -> Credentials:
-    """kubectl's and helm's order: ``--kubeconfig``, then ``$KUBECONFIG``, then
-    ``~/.kube/config``, then the pod's service account (in-cluster).
-
-    Raises:
-        CredentialsError: none of them is there; the message lists what was tried.
-    """
-    environ = os.environ if env is None else env
-    if flag:
-        return Credentials(flag, "--kubeconfig", context)
-    listed = environ.get("KUBECONFIG", "")
-    if any(p for p in listed.split(os.pathsep)):
-        return Credentials(listed, "$KUBECONFIG", context)
-    default = (home if home is not None else Path(environ.get("HOME") or Path.home())) / ".kube" / "config"
-    if default.is_file():
-        return Credentials(str(default), "~/.kube/config", context)
-    if environ.get("KUBERNETES_SERVICE_HOST"):
-        if context:
-            raise CredentialsError(
-                f"--context {context!r} needs a kubeconfig, and none was found (in a pod the service "
-                "account is used); pass --kubeconfig or drop --context",
-                reason="ConfigInvalid",
-            )
-        return Credentials(None, "in-cluster", None)
-    raise CredentialsError(
-        "no Kubernetes credentials: pass --kubeconfig, set $KUBECONFIG, create ~/.kube/config "
-        f"(looked at {default}), or run this in the plugin's pod",
-        reason="ConfigInvalid",
-    )
 
 
 class RateLimiter:
@@ -218,11 +172,257 @@ def _watch_event(line: bytes, path: str) -> JsonDict:
     return event
 
 
+# -- transport -----------------------------------------------------------------------------------
+
+_LEAN_IMPORT_LOCK = threading.Lock()
+
+
+def _import_lean(
+    names: Sequence[str], skip_init: Sequence[str], provide: Mapping[str, Mapping[str, str]] | None = None
+) -> list[ModuleType]:
+    """Import the modules ``names`` without running the ``__init__`` of the packages ``skip_init``.
+
+    Why: ``kubernetes/__init__.py`` imports every subpackage (and ``kubernetes.config``'s and
+    ``kubernetes.utils``' do the same for theirs), so importing one module of the package costs
+    all of it. Each package in ``skip_init`` is registered, empty, for the duration of the import
+    only; afterwards it is dropped from ``sys.modules`` again, so a later ``import kubernetes``
+    anywhere in the process runs the real ``__init__`` and finds these modules already loaded.
+    ``provide`` sets names on a skipped package that its modules import from it
+    (``{"kubernetes.client": {"Configuration": "kubernetes.client.configuration"}}``).
+
+    Raises:
+        ImportError: the package layout is not the one expected (the caller falls back to a
+            plain import).
+    """
+    with _LEAN_IMPORT_LOCK:
+        placed: list[str] = []
+        try:
+            for package in skip_init:
+                if package in sys.modules:
+                    continue
+                spec = importlib.util.find_spec(package)
+                if spec is None or spec.submodule_search_locations is None:
+                    raise ImportError(f"{package} is not an importable package")
+                sys.modules[package] = importlib.util.module_from_spec(spec)
+                placed.append(package)
+            for package, attrs in (provide or {}).items():
+                if package in placed:
+                    for attr, module in attrs.items():
+                        setattr(sys.modules[package], attr, getattr(importlib.import_module(module), attr))
+            return [importlib.import_module(name) for name in names]
+        finally:
+            for package in placed:
+                sys.modules.pop(package, None)
+
+
+def _client_modules() -> tuple[Any, Any]:
+    """``kubernetes.client.configuration`` and ``kubernetes.client.rest``, without the rest of the package."""
+    try:
+        configuration, rest = _import_lean(
+            ["kubernetes.client.configuration", "kubernetes.client.rest"],
+            skip_init=["kubernetes", "kubernetes.client", "kubernetes.utils"],
+        )
+    except ImportError as exc:
+        log.debug("lean import of the kubernetes client failed, importing all of it", error=str(exc))
+        from kubernetes.client import configuration, rest
+    return configuration, rest
+
+
+class CredentialsError(ApiError):
+    """No usable Kubernetes credentials: no kubeconfig found, unreadable, or no such context."""
+
+
+def user_agent() -> str:
+    """``gpu-dra/<version>``: what our requests call themselves in API server logs and audit."""
+    from driver import version
+
+    return f"gpu-dra/{version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where a command's Kubernetes credentials come from (see :func:`resolve_credentials`)."""
+
+    kubeconfig: str | None
+    """A kubeconfig path or a ``:``-separated list; None means the in-cluster service account."""
+
+    source: str
+    """How it was found: ``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or ``in-cluster``."""
+
+    context: str | None = None
+
+
+def resolve_credentials(
+    flag: str | None,
+    context: str | None = None,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Credentials:
+    """kubectl's and helm's order: ``--kubeconfig``, then ``$KUBECONFIG``, then
+    ``~/.kube/config``, then the pod's service account (in-cluster).
+
+    Raises:
+        CredentialsError: none of them is there; the message lists what was tried.
+    """
+    environ = os.environ if env is None else env
+    if flag:
+        return Credentials(flag, "--kubeconfig", context)
+    listed = environ.get("KUBECONFIG", "")
+    if any(p for p in listed.split(os.pathsep)):
+        return Credentials(listed, "$KUBECONFIG", context)
+    default = (home if home is not None else Path(environ.get("HOME") or Path.home())) / ".kube" / "config"
+    if default.is_file():
+        return Credentials(str(default), "~/.kube/config", context)
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        if context:
+            raise CredentialsError(
+                f"--context {context!r} needs a kubeconfig, and none was found (in a pod the service "
+                "account is used); pass --kubeconfig or drop --context",
+                reason="ConfigInvalid",
+            )
+        return Credentials(None, "in-cluster", None)
+    raise CredentialsError(
+        "no Kubernetes credentials: pass --kubeconfig, set $KUBECONFIG, create ~/.kube/config "
+        f"(looked at {default}), or run this in the plugin's pod",
+        reason="ConfigInvalid",
+    )
+
+
+def load_configuration(kubeconfig: Path | str | None, context: str | None = None) -> Any:
+    """A ``kubernetes.client.Configuration`` from ``kubeconfig`` (a file, or a ``:``-separated
+    list merged as kubectl does), or the pod's service account when None; ``context`` picks a
+    context other than the kubeconfig's current one.
+
+    Raises:
+        CredentialsError: the credentials cannot be loaded; the message says what to fix.
+    """
+    configuration_module, _ = _client_modules()
+    configuration = configuration_module.Configuration()
+    try:
+        if kubeconfig is None:
+            try:
+                (incluster,) = _import_lean(
+                    ["kubernetes.config.incluster_config"],
+                    skip_init=["kubernetes", "kubernetes.client", "kubernetes.config"],
+                    provide={"kubernetes.client": {"Configuration": "kubernetes.client.configuration"}},
+                )
+            except ImportError:
+                from kubernetes.config import incluster_config as incluster
+            incluster.load_incluster_config(client_configuration=configuration)
+        else:
+            # The kubeconfig loader needs the YAML, OAuth and exec-plugin code; only the
+            # package-wide __init__ imports (dynamic client, watch, stream, ...) are skipped.
+            try:
+                (kube_config,) = _import_lean(
+                    ["kubernetes.config.kube_config"], skip_init=["kubernetes", "kubernetes.config"]
+                )
+            except ImportError:
+                from kubernetes.config import kube_config
+            kube_config.load_kube_config(
+                config_file=str(kubeconfig), context=context, client_configuration=configuration
+            )
+    except Exception as exc:
+        where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
+        what = f" (context {context!r})" if context else ""
+        raise CredentialsError(
+            f"cannot load Kubernetes credentials from {where}{what}: {str(exc).rstrip('.')}; "
+            "pass --kubeconfig with a readable file, or run in a pod with a service account",
+            reason="ConfigInvalid",
+        ) from exc
+    # urllib3 would otherwise retry a timed-out GET three more times on its own (four 10 s
+    # attempts against a hung server): callers own the retry policy (see the module docstring).
+    configuration.retries = 0
+    return configuration
+
+
+class Transport(Protocol):
+    """Sends one HTTP request to the API server and returns the urllib3-style response."""
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] | None,
+        body: bytes | None,
+        timeout: float | tuple[float, float],
+        stream: bool,
+    ) -> Any:
+        """Return a response with ``status`` and ``data`` (the body, read on first access); a
+        ``stream`` one also has ``stream()``, ``shutdown()`` and ``release_conn()``.
+
+        Raises on transport failures (no connection, TLS).
+        """
+        ...
+
+
+class RestTransport:
+    """Requests over the TLS connection pool the kubernetes client builds from a ``Configuration``.
+
+    The pool keeps connections alive, so sequential claim GETs reuse one TLS session; parallel
+    ones open at most ``configuration.connection_pool_maxsize`` connections, kept for reuse.
+    The bearer token is read through ``Configuration.auth_settings()`` on every request, which
+    runs the refresh hook of rotating service-account tokens and exec-plugin credentials.
+    """
+
+    def __init__(self, configuration: Any, user_agent: str = "gpu-dra") -> None:
+        _, rest = _client_modules()
+        import urllib3
+
+        self._urllib3 = urllib3
+        self._configuration = configuration
+        self._pool = rest.RESTClientObject(configuration).pool_manager
+        self._host = str(configuration.host).rstrip("/")
+        self._user_agent = user_agent
+        # One server: requests go straight to its connection pool, skipping the manager's URL
+        # parsing and pool lookup on every request; through a proxy the manager addresses it.
+        self._direct: Any = None
+        if not isinstance(self._pool, urllib3.ProxyManager):
+            with contextlib.suppress(urllib3.exceptions.LocationValueError):  # no server: send() says so
+                self._direct = self._pool.connection_from_url(self._host)
+        self._prefix = urllib3.util.parse_url(self._host).path or ""
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] | None,
+        body: bytes | None,
+        timeout: float | tuple[float, float],
+        stream: bool,
+    ) -> Any:
+        headers = {"Accept": "application/json", "User-Agent": self._user_agent}
+        for auth in self._configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"])] = str(auth["value"])
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        limit = (
+            self._urllib3.Timeout(connect=timeout[0], read=timeout[1])
+            if isinstance(timeout, tuple)
+            else self._urllib3.Timeout(total=timeout)
+        )
+        pool, url = (
+            (self._direct, self._prefix + target)
+            if self._direct is not None
+            else (self._pool, self._host + target)
+        )
+        return pool.urlopen(
+            method, url, body=body, headers=headers, timeout=limit, preload_content=not stream, redirect=False
+        )
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._pool.clear()
+
+
 class Kube:
-    """Typed calls the driver makes, over one :class:`kubernetes.client.ApiClient`.
+    """Typed calls the driver makes, over one :class:`Transport` (normally :class:`RestTransport`).
 
     Args:
-        api_client: a configured ``kubernetes.client.ApiClient``.
+        transport: sends the requests (``RestTransport(load_configuration(...))``).
         request_timeout_s: total timeout of each non-watch request.
         qps, burst: client-side rate limit of every call except claim GETs.
         claim_qps, claim_burst: the separate rate limit of :meth:`get_resource_claim`.
@@ -230,7 +430,7 @@ class Kube:
 
     def __init__(
         self,
-        api_client: Any,
+        transport: Transport,
         request_timeout_s: float = 10.0,
         qps: float = 5.0,
         burst: int = 10,
@@ -238,7 +438,7 @@ class Kube:
         claim_qps: float = 50.0,
         claim_burst: int = 100,
     ) -> None:
-        self._client = api_client
+        self._transport = transport
         self._timeout = request_timeout_s
         self._limiter = RateLimiter(qps, burst)
         self._claim_limiter = RateLimiter(claim_qps, claim_burst)
@@ -249,36 +449,13 @@ class Kube:
     def from_config(
         cls, kubeconfig: Path | str | None, request_timeout_s: float = 10.0, *, context: str | None = None
     ) -> Kube:
-        """A client from a kubeconfig (a file, or a ``:``-separated list of files merged as
-        kubectl does), or the pod's service account when ``kubeconfig`` is None.
+        """A client from a kubeconfig, or the pod's service account when ``kubeconfig`` is None.
 
-        ``context`` picks a context of the kubeconfig other than its current one. Every request
-        carries the user agent ``gpu-dra/<version>``, so API server logs and audit name us.
+        Every request carries the user agent ``gpu-dra/<version>``, so API server logs and audit
+        name us.
         """
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        try:
-            if kubeconfig is None:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            else:
-                config.load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=str(kubeconfig), context=context, client_configuration=configuration
-                )
-        except Exception as exc:
-            where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
-            what = f" (context {context!r})" if context else ""
-            raise CredentialsError(
-                f"cannot load Kubernetes credentials from {where}{what}: {str(exc).rstrip('.')}; "
-                "pass --kubeconfig with a readable file, or run in a pod with a service account",
-                reason="ConfigInvalid",
-            ) from exc
-        # urllib3 would otherwise retry a timed-out GET three more times on its own (four 10 s
-        # attempts against a hung server): callers own the retry policy (see the module docstring).
-        configuration.retries = 0
-        api_client = client.ApiClient(configuration)
-        api_client.user_agent = user_agent()
-        return cls(api_client, request_timeout_s=request_timeout_s)
+        transport = RestTransport(load_configuration(kubeconfig, context), user_agent())
+        return cls(transport, request_timeout_s=request_timeout_s)
 
     # -- raw requests ---------------------------------------------------------------------------
 
@@ -304,7 +481,7 @@ class Kube:
         response = self._send(
             method, path, query=query, body=body, timeout=timeout, stream=False, limiter=limiter
         )
-        data = response.read()
+        data = response.data
         try:
             decoded = json.loads(data) if data else {}
         except ValueError as exc:
@@ -325,20 +502,10 @@ class Kube:
         limiter: RateLimiter | None = None,
     ) -> Any:
         (limiter or self._limiter).acquire()
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         try:
-            method, url, headers_out, body_out, post = self._client.param_serialize(
-                method=method,
-                resource_path=path,
-                query_params=query or None,
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-            )
-            response = self._client.call_api(
-                method, url, headers_out, body_out, post, _request_timeout=timeout
+            response = self._transport.send(
+                method, path, query=query, body=payload, timeout=timeout, stream=stream
             )
         except ApiError:
             raise
@@ -349,9 +516,7 @@ class Kube:
                 reason="Unavailable",
             ) from exc
         if not 200 <= response.status <= 299:
-            raise _status_error(method, path, response.status, response.read())
-        if stream:
-            return response.response
+            raise _status_error(method, path, response.status, response.data)
         return response
 
     # -- discovery ------------------------------------------------------------------------------
@@ -447,7 +612,7 @@ class Kube:
             limiter=self._claim_limiter,
             deadline=time.monotonic() + budget_s,
         )
-        return normalise_claim(claim, version)
+        return normalise_claim(claim, version, in_place=True)
 
     def list_resource_claims(self) -> list[JsonDict]:
         """Every ResourceClaim in every namespace, in the v1 shape (debug tools: who holds what).
@@ -456,7 +621,7 @@ class Kube:
         403 as "unknown", not as "none".
         """
         version, listed = self._resource_call("GET", "resourceclaims")
-        return [normalise_claim(item, version) for item in listed.get("items") or []]
+        return [normalise_claim(item, version, in_place=True) for item in listed.get("items") or []]
 
     def get_device_class(self, name: str) -> JsonDict:
         """The DeviceClass ``name`` (its ``spec.selectors`` read the same in v1, v1beta2, v1beta1)."""
@@ -483,7 +648,7 @@ class Kube:
     def list_slices_at(self, driver: str, node: str) -> tuple[list[JsonDict], str]:
         """Like :meth:`list_slices`, plus the list's resourceVersion to start a watch from."""
         version, listed = self._resource_call("GET", "resourceslices", self._slice_selector(driver, node))
-        items = [slice_from_version(item, version) for item in listed.get("items") or []]
+        items = [slice_from_version(item, version, in_place=True) for item in listed.get("items") or []]
         return items, str((listed.get("metadata") or {}).get("resourceVersion") or "")
 
     def create_slice(self, resource_slice: JsonDict, *, dry_run: bool = False) -> JsonDict:
@@ -498,7 +663,7 @@ class Kube:
             [("dryRun", "All")] if dry_run else None,
             body_for=lambda v: slice_to_version(resource_slice, v),
         )
-        return slice_from_version(stored, version)
+        return slice_from_version(stored, version, in_place=True)
 
     def update_slice(self, resource_slice: JsonDict) -> JsonDict:
         """Replace a slice; its ``metadata.resourceVersion`` makes it a compare-and-swap (409 on races)."""
@@ -506,7 +671,7 @@ class Kube:
         version, stored = self._resource_call(
             "PUT", f"resourceslices/{segment(name)}", body_for=lambda v: slice_to_version(resource_slice, v)
         )
-        return slice_from_version(stored, version)
+        return slice_from_version(stored, version, in_place=True)
 
     def delete_slice(self, name: str, uid: str, resource_version: str) -> None:
         """Delete a slice only if it is still the object we saw (uid + resourceVersion preconditions)."""
@@ -609,9 +774,9 @@ def slice_to_version(resource_slice: JsonDict, version: str) -> JsonDict:
     return out
 
 
-def slice_from_version(resource_slice: JsonDict, version: str) -> JsonDict:
-    """A slice read at ``version``, in the v1 shape."""
-    out = copy.deepcopy(resource_slice)
+def slice_from_version(resource_slice: JsonDict, version: str, *, in_place: bool = False) -> JsonDict:
+    """A slice read at ``version``, in the v1 shape (``in_place``: reshape the given dict itself)."""
+    out = resource_slice if in_place else copy.deepcopy(resource_slice)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceSlice")
     if version == "v1beta1":
@@ -624,14 +789,15 @@ def slice_from_version(resource_slice: JsonDict, version: str) -> JsonDict:
     return out
 
 
-def normalise_claim(claim: JsonDict, version: str) -> JsonDict:
+def normalise_claim(claim: JsonDict, version: str, *, in_place: bool = False) -> JsonDict:
     """A ResourceClaim read at ``version``, in the v1 shape.
 
     The fields the driver reads (``metadata.uid``, ``status.allocation.devices.results`` and
     ``.config``) are the same in all three versions; v1beta1 requests carry the exact-request
-    fields flat instead of under ``exactly``, which is rewrapped here.
+    fields flat instead of under ``exactly``, which is rewrapped here. ``in_place`` reshapes the
+    given dict itself (a response just decoded: copying it would be the GET's costliest step).
     """
-    out = copy.deepcopy(claim)
+    out = claim if in_place else copy.deepcopy(claim)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceClaim")
     if version == "v1beta1":

@@ -10,6 +10,7 @@ Nothing here knows about GPUs; the work is done by a :class:`~.draservice.ClaimP
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -87,10 +88,17 @@ class KubeletPlugin:
         return server
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for ``grace_s``, remove our sockets only."""
-        for server in (self._reg_server, self._dra_server):
-            if server is not None:
-                server.stop(grace_s).wait(grace_s + 1.0)
+        """Stop accepting calls, let running ones finish for ``grace_s``, remove our sockets only.
+
+        Both servers stop at once (new calls are refused from here on); the wait is for the calls
+        already running, so an idle plugin stops in milliseconds. A call still running after the
+        grace is cancelled towards the kubelet and its thread is not waited for.
+        """
+        servers = [server for server in (self._reg_server, self._dra_server) if server is not None]
+        stopped = [server.stop(grace_s) for server in servers]
+        deadline = time.monotonic() + grace_s + 0.5
+        for done in stopped:
+            done.wait(max(0.0, deadline - time.monotonic()))
         self._reg_server = self._dra_server = None
         for owned in reversed(self._owned):
             if owned.remove():

@@ -119,8 +119,9 @@ class DraService:
         self._pool = ThreadPoolExecutor(max_workers=self.max_parallel_claims, thread_name_prefix="claim")
 
     def close(self) -> None:
-        """Stop the per-claim worker threads (after the gRPC server stopped)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the per-claim worker threads (after the gRPC server stopped); queued work is
+        dropped, running work is not waited for (the server's grace was its time to finish)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
         """Prepare every claim; the result has one entry per claim UID."""

@@ -100,29 +100,25 @@ def test_every_bad_reference_fails_the_check() -> None:
             check_claim_ref(ClaimRef(*ref))
 
 
-class _RecordingClient:
-    """Stands in for kubernetes.client.ApiClient: records the paths the facade builds."""
+class _RecordingTransport:
+    """Stands in for driver.kube.RestTransport: records the paths the facade builds."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
 
-    def param_serialize(self, *, resource_path: str, **_: Any) -> tuple[str, str, dict[str, str], None, None]:
-        self.paths.append(resource_path)
-        return "GET", "http://server" + resource_path, {}, None, None
+    def send(self, method: str, path: str, **_: Any) -> Any:
+        self.paths.append(path)
 
-    def call_api(self, *_: Any, **__: Any) -> Any:
         class Response:
             status = 200
-
-            def read(self) -> bytes:
-                return b'{"metadata": {"uid": "u"}}'
+            data = b'{"metadata": {"uid": "u"}}'
 
         return Response()
 
 
 def test_api_paths_escape_every_segment() -> None:
     """The second wall: even an unchecked name stays inside its own path segment."""
-    client = _RecordingClient()
+    client = _RecordingTransport()
     kube = Kube(client)
     kube._resource_version = "v1"
     kube.get_resource_claim("a", "../../b/resourceclaims/victim")

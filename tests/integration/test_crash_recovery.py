@@ -41,7 +41,8 @@ from tests.ground.standins import install_standins, read_journal
 DRIVER = "gpu.nvidia.com"
 NODE = "node-crash"
 REPO = Path(__file__).resolve().parents[2]
-READY_EVENT = "registration socket ready"
+#: Logged once reconcile is done and calls are served (the sockets come earlier).
+READY_EVENT = "plugin ready"
 TIMEOUT_S = 60.0
 
 MIG_TOPOLOGY = "a100-40gb-x1-mig"
