@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from driver.nvml.mig import NvmlMigBackend
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
+    from driver.taints import DeviceTaints, TaintSync
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,8 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 STARTUP_WAIT_S = 30.0
 #: How long running kubelet calls may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 5.0
+#: After this long the start-up work (first slice publication included) is normally done.
+STARTUP_SETTLE_S = 10.0
 CHECKPOINT_FILE = "checkpoint.json"
 #: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
 MPS_HOST_LAUNCHER = (
@@ -118,6 +121,7 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _taint_sync: TaintSync | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
 
@@ -192,10 +196,14 @@ class Daemon:
             self._closers.append(health.stop)
         if cfg.publish:
             self._start_publisher(_need(kube_future).result(), inventory)
+        settled = threading.Timer(STARTUP_SETTLE_S, release_startup_memory)
+        settled.daemon = True
+        settled.start()
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
-        from driver.health import HealthMonitor, open_source
+        from driver.health import IGNORED_XIDS, HealthMonitor, open_source
+        from driver.recovery import ClearRequests, NvmlRecoveryProbe, RecoveryRules
 
         cfg = self.cfg
         monitor = HealthMonitor(
@@ -206,10 +214,36 @@ class Daemon:
                 nvml,
                 (d.gpu_uuid for d in state.inventory.devices),
                 fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+                ignored=IGNORED_XIDS | cfg.additional_xids_to_ignore,
             ),
+            recovery=RecoveryRules(NvmlRecoveryProbe(nvml)),
+            recovery_poll_s=cfg.recovery_poll_s,
+            clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
         self._health.attach(monitor)
+        self._start_taints(monitor)
+
+    def _start_taints(self, monitor: HealthMonitor) -> None:
+        """Device taints from the health snapshots (gate NVMLDeviceHealthCheck), plus the status file."""
+        from driver.taints import STATUS_FILE, TaintSync
+
+        cfg = self.cfg
+        taints_on = cfg.gate("NVMLDeviceHealthCheck")
+
+        def publish(taints: DeviceTaints) -> None:
+            if self._publisher is not None:
+                self._publisher.set_taints(taints)
+
+        sync = TaintSync(
+            monitor,
+            publish if taints_on and cfg.publish else None,
+            cfg.state_dir / STATUS_FILE,
+            lost_effect=cfg.gpu_lost_taint_effect,
+        )
+        sync.start()
+        self._taint_sync = sync if taints_on else None
+        self._closers.append(sync.stop)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -386,8 +420,14 @@ class Daemon:
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
         publisher = SlicePublisher(
-            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+            kube,
+            self.cfg.node_name,
+            self.cfg.driver_name,
+            on_dropped_fields=self._fields_dropped,
+            taintable=self._taint_sync is not None,
         )
+        if self._taint_sync is not None:
+            publisher.set_taints(self._taint_sync.current)
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
@@ -398,6 +438,14 @@ class Daemon:
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
         placements there would let the scheduler hand out overlapping MIG slices.
         """
+        if any(f.endswith(".taints") for f in fields):
+            log.warning(
+                "API server does not keep device taints; unhealthy GPUs stay schedulable "
+                "(the kubelet's health stream still reports them)",
+                fields=list(fields),
+                fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
+                "(on by default from Kubernetes 1.36)",
+            )
         if self._static_fallback or not any("ounter" in f for f in fields):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
@@ -459,6 +507,20 @@ class Daemon:
 
     def _stop_requested_at(self) -> float:
         return self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
+
+
+def release_startup_memory() -> None:
+    """Collect start-up's garbage and hand the freed heap back to the kernel, once.
+
+    Imports, the topology and the first publication leave freed blocks that glibc keeps for
+    reuse; an idle daemon never reuses them, so they are ~3 MiB of resident memory for nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _ms_since(t: float) -> float:

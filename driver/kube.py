@@ -47,7 +47,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from driver.errors import ApiConflictError, ApiError, ApiNotFoundError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiConflictError, ApiError, ApiNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -483,7 +484,9 @@ class Kube:
         )
         data = response.data
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = boundedjson.loads(data) if data else {}
+        except boundedjson.JsonTooDeepError as exc:
+            raise ApiBodyError(f"{method} {path} returned {exc}", reason="TooDeep") from exc
         except ValueError as exc:
             raise ApiError(f"{method} {path} returned a body that is not JSON: {data[:200]!r}") from exc
         if not isinstance(decoded, dict):
@@ -797,11 +800,17 @@ def normalise_claim(claim: JsonDict, version: str, *, in_place: bool = False) ->
     fields flat instead of under ``exactly``, which is rewrapped here. ``in_place`` reshapes the
     given dict itself (a response just decoded: copying it would be the GET's costliest step).
     """
-    out = claim if in_place else copy.deepcopy(claim)
+    # Otherwise shallow copies of what is rewritten: a deep copy would recurse through
+    # user-written opaque parameters of any depth.
+    out = claim if in_place else dict(claim)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceClaim")
     if version == "v1beta1":
-        devices = (out.get("spec") or {}).get("devices") or {}
+        spec = dict(out.get("spec") or {})
+        devices = dict(spec.get("devices") or {})
+        if "spec" in out:
+            spec["devices"] = devices
+            out["spec"] = spec
         requests = []
         for request in devices.get("requests") or []:
             if "firstAvailable" in request or "exactly" in request:

@@ -437,9 +437,13 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
         view = _checkpoint(args)
         inventory = _local_inventory(args, view)
     holdings = nodestate.device_holdings(inventory, view.claims if view else {})
+    from driver.debug.taints import device_status, taint_text
+
+    health = {} if args.topology else (device_status(_config(args).state_dir) or {})
     data: list[JsonDict] = []
     for d in inventory.devices:
         h = holdings[d.name]
+        own = health.get(d.name) or {}
         data.append(
             {
                 "name": d.name,
@@ -452,6 +456,9 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
                 "heldBy": None if h.held_by is None else nodestate.claim_ref(h.held_by),
                 "heldByUid": None if h.held_by is None else h.held_by.uid,
                 "blockedBy": [nodestate.claim_ref(c) for c in h.blocked_by],
+                "health": own.get("health", "-" if args.topology else "UNKNOWN"),
+                "healthMessage": own.get("message"),
+                "taints": own.get("taints") or [],
             }
         )
     rows = [
@@ -461,6 +468,8 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
             d["attributes"].get("productName", "-"),
             d["attributes"].get("profile", "-"),
             d["heldBy"] or (f"blocked by {', '.join(d['blockedBy'])}" if d["blockedBy"] else "free"),
+            d["health"],
+            taint_text(d["taints"]),
             d["uuid"],
             d["gpu"],
             render.quantity(d["capacity"].get("memory")),
@@ -469,10 +478,22 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
         for d in data
     ]
     text = render.table(
-        ("DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD BY", "UUID", "GPU", "MEMORY", "PCIE ROOT"),
+        (
+            "DEVICE",
+            "KIND",
+            "PRODUCT",
+            "PROFILE",
+            "HELD BY",
+            "HEALTH",
+            "TAINTS",
+            "UUID",
+            "GPU",
+            "MEMORY",
+            "PCIE ROOT",
+        ),
         rows,
         _style(args),
-        wide_from=5,
+        wide_from=7,
     )
     problems = [view.problem] if view is not None and view.problem else []
     for warning in [*inventory.warnings, *problems]:
@@ -1049,6 +1070,17 @@ def _add(
     return p
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    """Output and hidden node flags for a command registered outside :func:`register` (``taints``)."""
+    from driver.config import add_plugin_flags
+
+    p.add_argument("-o", "--output", choices=render.FORMATS, default="table", help="output format")
+    p.add_argument("--no-headers", action="store_true", help="print table rows without the header line")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=("json", "console"), help=argparse.SUPPRESS)
+    add_plugin_flags(p, hidden=True, skip=("--log-level", "--log-format"))
+
+
 def _claim_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("claim", metavar="CLAIM", help=what)
     p.add_argument(
@@ -1189,6 +1221,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         run_topologies,
         node_settings=False,
     )
+
+    from driver.debug import taints
+
+    taints.register(subparsers, _common, _wrap)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

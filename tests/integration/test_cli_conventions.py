@@ -288,8 +288,8 @@ def test_wide_and_no_headers(home: Path) -> None:
     plain = gpu_dra(*topo, home=home).out.splitlines()
     wide = gpu_dra(*topo, "-o", "wide", home=home).out.splitlines()
     bare = gpu_dra(*topo, "--no-headers", home=home).out.splitlines()
-    assert plain[0].split() == ["DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD", "BY"]
-    assert wide[0].split()[6:9] == ["UUID", "GPU", "MEMORY"]
+    assert plain[0].split() == ["DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD", "BY", "HEALTH", "TAINTS"]
+    assert wide[0].split()[8:11] == ["UUID", "GPU", "MEMORY"]
     assert "40Gi" in wide[1]
     assert bare[0].startswith("gpu-0 ") and len(bare) == 8
 
