@@ -43,7 +43,6 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
 #: ignored makes an operator believe a feature is on.
 UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
     "PassthroughSupport": "VFIO passthrough of whole GPUs",
-    "NVMLDeviceHealthCheck": "device taints from NVML health events (the kubelet health stream is always on)",
     "DRAListTypeAttributes": "list-typed device attributes",
     "ConsumableShares": "consumable GPU shares",
 }
