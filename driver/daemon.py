@@ -364,13 +364,10 @@ class Daemon:
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
-        from driver.state import NoSharing
         from sharing.mps import MpsManager
         from sharing.timeslicing import TimeSlicer
 
         cfg = self.cfg
-        if not (cfg.gate("TimeSlicingSettings") or cfg.gate("MPSSupport")):
-            return NoSharing(cfg.driver_name)
         root = cfg.container_driver_root
         env: dict[str, str] = {}
         launcher: tuple[str, ...] = ()
@@ -396,6 +393,8 @@ class Daemon:
                 launcher=launcher,
                 daemon_binary=daemon_binary,
             ),
+            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
+            mps_enabled=cfg.gate("MPSSupport"),
         )
 
     def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
