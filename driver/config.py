@@ -30,10 +30,21 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "TimeSlicingSettings": True,
     "MPSSupport": True,
     "DynamicMIG": True,
-    "NVMLDeviceHealthCheck": False,
+    # Device taints from health (NVIDIA's gate of the same name is alpha and off; here it is on,
+    # combined with dynamic MIG, MPS and time-slicing).
+    "NVMLDeviceHealthCheck": True,
     "PassthroughSupport": False,
     "ConsumableShares": False,
     "DRAListTypeAttributes": False,
+}
+
+#: Gates NVIDIA's chart knows that this build does not implement: accepted as false (so a values
+#: file written for that chart keeps working), refused as true, because a gate that is silently
+#: ignored makes an operator believe a feature is on.
+UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
+    "PassthroughSupport": "VFIO passthrough of whole GPUs",
+    "DRAListTypeAttributes": "list-typed device attributes",
+    "ConsumableShares": "consumable GPU shares",
 }
 
 
@@ -111,7 +122,10 @@ class Config:
     """KUBERNETES_SERVICE_HOST is set: service-account credentials are available when no kubeconfig is."""
 
     healthcheck_port: int = -1
-    """TCP port of the gRPC health service on localhost; -1 disables it, 0 picks a free port."""
+    """TCP port of the gRPC health service; -1 disables it, 0 picks a free port."""
+
+    healthcheck_address: str = "127.0.0.1"
+    """Address the health service listens on; the chart sets the pod IP (kubelet grpc probes)."""
 
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(KNOWN_FEATURE_GATES))
     """Feature gate values (defaults filled in)."""
@@ -124,6 +138,18 @@ class Config:
 
     mps_ready_timeout_s: float = 10.0
     """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
+
+    additional_xids_to_ignore: frozenset[int] = frozenset()
+    """XIDs treated as application errors on top of NVIDIA's list. (ADDITIONAL_XIDS_TO_IGNORE)"""
+
+    gpu_lost_taint_effect: str = "NoSchedule"
+    """Effect of the gpu.nvidia.com/gpu-lost taint; NoExecute evicts running pods. (GPU_LOST_TAINT_EFFECT)"""
+
+    recovery_poll_s: float = 10.0
+    """How often GPUs with faults are checked for recovery. (RECOVERY_POLL_INTERVAL)"""
+
+    metrics_port: int = -1
+    """TCP port of the Prometheus /metrics endpoint (all addresses); -1 off, 0 any. (METRICS_PORT)"""
 
     @property
     def state_dir(self) -> Path:
@@ -190,7 +216,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--namespace", ("POD_NAMESPACE", "NAMESPACE"), "Namespace the plugin runs in.", "default"),
     _Flag("--mps-root", ("MPS_ROOT",), "Host directory for MPS pipes and logs.", "/run/nvidia/mps"),
     _Flag("--nvidia-cdi-hook-path", ("NVIDIA_CDI_HOOK_PATH",), "Host path of nvidia-cdi-hook."),
-    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health port on localhost (-1: off).", "-1"),
+    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health service port (-1: off).", "-1"),
+    _Flag(
+        "--healthcheck-address",
+        ("HEALTHCHECK_ADDRESS",),
+        "Address the gRPC health service listens on (the chart: the pod IP, for the kubelet's grpc probes).",
+        "127.0.0.1",
+    ),
     _Flag("--feature-gates", ("FEATURE_GATES",), "Feature gates, e.g. MPSSupport=true,DynamicMIG=false.", ""),
     _Flag(
         "--mig-mode", ("MIG_MODE",), "How MIG-capable GPUs are published.", "dynamic", ("dynamic", "static")
@@ -205,25 +237,55 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
     ),
+    _Flag(
+        "--additional-xids-to-ignore",
+        ("ADDITIONAL_XIDS_TO_IGNORE",),
+        "Comma-separated XIDs to treat as application errors (taint effect None).",
+        "",
+    ),
+    _Flag(
+        "--gpu-lost-taint-effect",
+        ("GPU_LOST_TAINT_EFFECT",),
+        "Effect of the gpu.nvidia.com/gpu-lost device taint (NoExecute evicts the GPU's pods).",
+        "NoSchedule",
+        ("NoSchedule", "NoExecute"),
+    ),
+    _Flag(
+        "--recovery-poll-interval",
+        ("RECOVERY_POLL_INTERVAL",),
+        "Seconds between recovery checks of GPUs with health faults.",
+        "10",
+    ),
+    _Flag("--metrics-port", ("METRICS_PORT",), "Prometheus /metrics port on all addresses (-1: off).", "-1"),
 )
 
 
-def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
-    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later)."""
+def add_plugin_flags(
+    parser: argparse.ArgumentParser, *, hidden: bool = False, skip: Sequence[str] = ()
+) -> None:
+    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later).
+
+    The debug commands take them ``hidden`` (accepted, not in their help, which shows only the
+    command's own flags) and ``skip`` those they define themselves.
+    """
     for spec in _FLAGS:
+        if spec.flag in skip:
+            continue
         env_help = " / ".join(spec.env)
         default_help = f" Default: {spec.default}." if spec.default else ""
         parser.add_argument(
             spec.flag,
             default=None,
             choices=spec.choices,
-            help=f"{spec.help}{default_help} Env: {env_help}.",
+            help=argparse.SUPPRESS if hidden else f"{spec.help}{default_help} Env: {env_help}.",
         )
     parser.add_argument(
         "--no-publish",
         action="store_true",
         default=None,
-        help="Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
+        help=argparse.SUPPRESS
+        if hidden
+        else "Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
     )
 
 
@@ -287,7 +349,26 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
             "--mps-ready-timeout / MPS_READY_TIMEOUT must be a number of seconds, "
             f"got {v['mps_ready_timeout']!r}"
         ) from None
-    no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
+    try:
+        recovery_poll = float(v["recovery_poll_interval"] or "10")
+    except ValueError:
+        raise ConfigError(
+            "--recovery-poll-interval / RECOVERY_POLL_INTERVAL must be a number of seconds, "
+            f"got {v['recovery_poll_interval']!r}"
+        ) from None
+    try:
+        metrics_port = int(v["metrics_port"] or "-1")
+    except ValueError:
+        raise ConfigError(
+            f"--metrics-port / METRICS_PORT must be an integer, got {v['metrics_port']!r}"
+        ) from None
+    from driver.health import parse_xid_list
+
+    no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     driver_root = Path(v["driver_root"] or "/")
     return Config(
         node_name=v["node_name"] or "",
@@ -314,10 +395,15 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         nvidia_cdi_hook_path=path("nvidia_cdi_hook_path"),
         in_cluster=bool(environ.get("KUBERNETES_SERVICE_HOST")),
         healthcheck_port=port,
+        healthcheck_address=v["healthcheck_address"] or "127.0.0.1",
         feature_gates=parse_feature_gates(v["feature_gates"] or ""),
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
+        additional_xids_to_ignore=parse_xid_list(v["additional_xids_to_ignore"] or ""),
+        gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
+        recovery_poll_s=recovery_poll,
+        metrics_port=metrics_port,
     )
 
 
@@ -348,6 +434,20 @@ def _identity_problems(cfg: Config) -> list[str]:
         problems.append(
             f"--pod-uid / POD_UID {cfg.pod_uid!r} is not a pod UID (lower-case letters, digits, '-'); "
             "set it from the downward API (metadata.uid)"
+        )
+    if not -1 <= cfg.metrics_port <= 65535:
+        problems.append(
+            f"--metrics-port / METRICS_PORT {cfg.metrics_port} is out of range; "
+            "use -1 (off), 0 (any free port) or 1-65535"
+        )
+    if cfg.metrics_port > 0 and cfg.metrics_port == cfg.healthcheck_port:
+        problems.append(
+            f"--metrics-port / METRICS_PORT and --healthcheck-port / HEALTHCHECK_PORT are both "
+            f"{cfg.metrics_port}; give them different ports"
+        )
+    if not cfg.recovery_poll_s > 0:
+        problems.append(
+            f"--recovery-poll-interval / RECOVERY_POLL_INTERVAL {cfg.recovery_poll_s} must be > 0 seconds"
         )
     if not -1 <= cfg.healthcheck_port <= 65535:
         problems.append(
@@ -415,11 +515,11 @@ def _api_problems(cfg: Config) -> list[str]:
 
 def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
     # MIG and MPS combine here (NVIDIA's driver refuses DynamicMIG with MPSSupport).
-    exclusive = (("DynamicMIG", "PassthroughSupport"),)
     return [
-        f"--feature-gates / FEATURE_GATES: {a} and {b} cannot both be enabled; disable one"
-        for a, b in exclusive
-        if gates.get(a) and gates.get(b)
+        f"--feature-gates / FEATURE_GATES: {name}=true is not implemented by gpu-dra ({what}); "
+        f"remove it or set {name}=false (chart: plugin.featureGates.{name})"
+        for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
+        if gates.get(name)
     ]
 
 

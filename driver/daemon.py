@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from driver.nvml.mig import NvmlMigBackend
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
+    from driver.taints import DeviceTaints, TaintSync
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,10 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 STARTUP_WAIT_S = 30.0
 #: How long running kubelet calls may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 5.0
+#: The main thread looks this often whether the plugin has gone quiet after some work ...
+QUIET_CHECK_S = 5.0
+#: ... and, once no kubelet call came for this long, hands the memory that work freed back.
+QUIET_AFTER_S = 5.0
 CHECKPOINT_FILE = "checkpoint.json"
 #: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
 MPS_HOST_LAUNCHER = (
@@ -101,6 +106,18 @@ class Backoff:
             delay = min(self.cap, delay * 2)
 
 
+class Activity:
+    """How many kubelet calls reached the device state, and when the last one did."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.calls += 1  # a lost increment under a race only delays one memory release
+        self.last = time.monotonic()
+
+
 @dataclass
 class Daemon:
     """One run of the plugin; :meth:`run` blocks until ``stop`` is set."""
@@ -118,15 +135,16 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _taint_sync: TaintSync | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
+    activity: Activity = field(default_factory=Activity)
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
 
     def run(self) -> int:
         """Start everything, wait for a stop signal, shut down; return the exit code."""
         try:
             self._start()
-            if not self.stop.is_set():
-                self.stop.wait()
+            self._serve_until_stopped()
             log.info("stopping")
             return 0
         except DriverError as exc:
@@ -134,6 +152,16 @@ class Daemon:
             return 1
         finally:
             self._shutdown()
+
+    def _serve_until_stopped(self) -> None:
+        """Wait for SIGTERM/SIGINT; meanwhile, after start-up and after each spell of kubelet calls,
+        hand the memory that work freed back once the plugin has been quiet for a while."""
+        released_at = -1
+        while not self.stop.wait(QUIET_CHECK_S):
+            calls, last = self.activity.calls, self.activity.last
+            if calls != released_at and time.monotonic() - last >= QUIET_AFTER_S:
+                release_freed_memory()
+                released_at = calls
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -159,7 +187,7 @@ class Daemon:
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
-            DraService(_GatedPreparer(self.gate), source),
+            DraService(_GatedPreparer(self.gate, self.activity), source),
             extra_handlers=health_handlers(self._health),
             extra_services=HEALTH_SERVICES,
         )
@@ -187,7 +215,7 @@ class Daemon:
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
-            health = HealthServer(paths, cfg.healthcheck_port)
+            health = HealthServer(paths, cfg.healthcheck_port, cfg.healthcheck_address)
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
@@ -195,7 +223,8 @@ class Daemon:
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
-        from driver.health import HealthMonitor, open_source
+        from driver.health import IGNORED_XIDS, HealthMonitor, open_source
+        from driver.recovery import ClearRequests, NvmlRecoveryProbe, RecoveryRules
 
         cfg = self.cfg
         monitor = HealthMonitor(
@@ -206,10 +235,36 @@ class Daemon:
                 nvml,
                 (d.gpu_uuid for d in state.inventory.devices),
                 fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+                ignored=IGNORED_XIDS | cfg.additional_xids_to_ignore,
             ),
+            recovery=RecoveryRules(NvmlRecoveryProbe(nvml)),
+            recovery_poll_s=cfg.recovery_poll_s,
+            clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
         self._health.attach(monitor)
+        self._start_taints(monitor)
+
+    def _start_taints(self, monitor: HealthMonitor) -> None:
+        """Device taints from the health snapshots (gate NVMLDeviceHealthCheck), plus the status file."""
+        from driver.taints import STATUS_FILE, TaintSync
+
+        cfg = self.cfg
+        taints_on = cfg.gate("NVMLDeviceHealthCheck")
+
+        def publish(taints: DeviceTaints) -> None:
+            if self._publisher is not None:
+                self._publisher.set_taints(taints)
+
+        sync = TaintSync(
+            monitor,
+            publish if taints_on and cfg.publish else None,
+            cfg.state_dir / STATUS_FILE,
+            lost_effect=cfg.gpu_lost_taint_effect,
+        )
+        sync.start()
+        self._taint_sync = sync if taints_on else None
+        self._closers.append(sync.stop)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -309,13 +364,10 @@ class Daemon:
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
-        from driver.state import NoSharing
         from sharing.mps import MpsManager
         from sharing.timeslicing import TimeSlicer
 
         cfg = self.cfg
-        if not (cfg.gate("TimeSlicingSettings") or cfg.gate("MPSSupport")):
-            return NoSharing(cfg.driver_name)
         root = cfg.container_driver_root
         env: dict[str, str] = {}
         launcher: tuple[str, ...] = ()
@@ -341,6 +393,8 @@ class Daemon:
                 launcher=launcher,
                 daemon_binary=daemon_binary,
             ),
+            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
+            mps_enabled=cfg.gate("MPSSupport"),
         )
 
     def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
@@ -387,8 +441,14 @@ class Daemon:
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
         publisher = SlicePublisher(
-            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+            kube,
+            self.cfg.node_name,
+            self.cfg.driver_name,
+            on_dropped_fields=self._fields_dropped,
+            taintable=self._taint_sync is not None,
         )
+        if self._taint_sync is not None:
+            publisher.set_taints(self._taint_sync.current)
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
@@ -399,6 +459,14 @@ class Daemon:
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
         placements there would let the scheduler hand out overlapping MIG slices.
         """
+        if any(f.endswith(".taints") for f in fields):
+            log.warning(
+                "API server does not keep device taints; unhealthy GPUs stay schedulable "
+                "(the kubelet's health stream still reports them)",
+                fields=list(fields),
+                fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
+                "(on by default from Kubernetes 1.36)",
+            )
         if self._static_fallback or not any("ounter" in f for f in fields):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
@@ -462,6 +530,21 @@ class Daemon:
         return self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand the freed heap back to the kernel.
+
+    Start-up (imports, the topology, the first publication) and bursts of calls (claim JSON,
+    specs, TLS buffers) leave freed blocks that glibc keeps for reuse; an idle daemon does not
+    reuse them, so they would stay resident (~3 MiB after start-up) for nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _ms_since(t: float) -> float:
     return round((time.monotonic() - t) * 1000, 1)
 
@@ -510,14 +593,21 @@ class StartupGate:
 class _GatedPreparer:
     """The kubelet's calls go to the device state once the start-up gate opens."""
 
-    def __init__(self, gate: StartupGate) -> None:
+    def __init__(self, gate: StartupGate, activity: Activity) -> None:
         self._gate = gate
+        self._activity = activity
 
     def prepare(self, claim: Claim) -> Sequence[ReplyDevice]:
-        return self._gate.state().prepare(claim)
+        try:
+            return self._gate.state().prepare(claim)
+        finally:
+            self._activity.touch()
 
     def unprepare(self, ref: ClaimRef) -> None:
-        self._gate.state().unprepare(ref)
+        try:
+            self._gate.state().unprepare(ref)
+        finally:
+            self._activity.touch()
 
 
 class LateHealthMonitor:

@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 JsonDict = dict[str, Any]
 
 API_VERSION = "resource.k8s.io/v1"
+#: How long a watch event waits for our own write's response to tell an echo from a change.
+ECHO_WAIT_S = 15.0
 
 # Limits of resource.k8s.io/v1 (Kubernetes 1.36 types.go), see kubelet-dra-protocol.md 4.
 MAX_DEVICES_PER_SLICE = 128
@@ -118,21 +120,56 @@ def encode_attribute(value: AttributeValue) -> JsonDict:
     return {"string": value}
 
 
+_BINARY_STEPS = (
+    ("Ei", 1024**6),
+    ("Pi", 1024**5),
+    ("Ti", 1024**4),
+    ("Gi", 1024**3),
+    ("Mi", 1024**2),
+    ("Ki", 1024),
+)
+_DECIMAL_STEPS = (("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
+
+
+def canonical_quantity(value: int, binary: bool = True) -> str:
+    """``value`` as the API server writes a quantity of that format: ``40Gi``, ``4864Mi``, ``1k``.
+
+    Bytes are binary quantities (``resource.BinarySI``, what NVIDIA's driver publishes), counts
+    decimal ones; the largest suffix that divides the value exactly wins, as in Kubernetes'
+    canonical form, so ``kubectl get resourceslices -o yaml`` shows what people expect.
+    """
+    if value == 0:
+        return "0"
+    for suffix, step in _BINARY_STEPS if binary else _DECIMAL_STEPS:
+        if value % step == 0:
+            return f"{value // step}{suffix}"
+    return str(value)
+
+
+def _quantity(name: str, value: int) -> JsonDict:
+    return {"value": canonical_quantity(value, binary=name == "memory")}
+
+
 def _counters(values: Mapping[str, int]) -> JsonDict:
-    return {name: {"value": str(values[name])} for name in sorted(values, key=natural_key)}
+    return {name: _quantity(name, values[name]) for name in sorted(values, key=natural_key)}
 
 
-def encode_device(device: AllocatableDevice) -> JsonDict:
-    """One ``spec.devices[]`` entry; empty maps are left out as the server would leave them out."""
+def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> JsonDict:
+    """One ``spec.devices[]`` entry; empty maps are left out as the server would leave them out.
+
+    ``taints`` are :class:`driver.taints.DeviceTaint` values (anything with ``to_dict``).
+    """
     out: JsonDict = {"name": device.name}
     if device.attributes:
         out["attributes"] = {k: encode_attribute(device.attributes[k]) for k in sorted(device.attributes)}
     if device.capacity:
-        out["capacity"] = {k: {"value": str(device.capacity[k])} for k in sorted(device.capacity)}
+        out["capacity"] = {k: _quantity(k, device.capacity[k]) for k in sorted(device.capacity)}
     if device.consumes_counters:
         out["consumesCounters"] = [
             {"counterSet": c.counter_set, "counters": _counters(c.counters)} for c in device.consumes_counters
         ]
+    if taints:
+        out["taints"] = [t.to_dict() for t in taints]
     return out
 
 
@@ -166,10 +203,14 @@ def _gpu_order(devices: Iterable[AllocatableDevice]) -> list[str]:
     return sorted(keys, key=lambda uuid: keys[uuid])
 
 
-def _layout(inventory: Inventory, server_minor: int) -> list[_SliceContent]:
+def _layout(inventory: Inventory, server_minor: int, taintable: bool = False) -> list[_SliceContent]:
+    # Taints may come and go with health; with taintable the layout uses the lower device limit
+    # from the start, so a taint never reshuffles the pool (>= 1.35 counts taints in that rule).
+    small = taintable and server_minor >= SPLIT_LAYOUT_MIN_MINOR
     by_name = sorted(inventory.devices, key=lambda d: natural_key(d.name))
     if not inventory.counter_sets:
-        return [_SliceContent(devices=tuple(chunk)) for chunk in _chunks(by_name, MAX_DEVICES_PER_SLICE)]
+        limit = MAX_DEVICES_PER_SLICE_WITH_COUNTERS if small else MAX_DEVICES_PER_SLICE
+        return [_SliceContent(devices=tuple(chunk)) for chunk in _chunks(by_name, limit)]
 
     per_gpu: dict[str, list[AllocatableDevice]] = {}
     for device in by_name:
@@ -185,7 +226,7 @@ def _layout(inventory: Inventory, server_minor: int) -> list[_SliceContent]:
             devices = per_gpu[uuid]
             limit = (
                 MAX_DEVICES_PER_SLICE_WITH_COUNTERS
-                if any(d.consumes_counters for d in devices)
+                if small or any(d.consumes_counters for d in devices)
                 else MAX_DEVICES_PER_SLICE
             )
             contents.extend(_SliceContent(devices=tuple(chunk)) for chunk in _chunks(devices, limit))
@@ -220,6 +261,8 @@ def build_slices(
     server_minor: int,
     *,
     pool_generation: int = 0,
+    taints: Mapping[str, Sequence[Any]] | None = None,
+    taintable: bool = False,
 ) -> list[JsonDict]:
     """The ResourceSlice objects (resource.k8s.io/v1, dicts) that publish ``inventory`` for one node.
 
@@ -227,9 +270,12 @@ def build_slices(
     per slice. With counter sets: on ``server_minor`` >= 35 counters-only slice(s) (8 sets each)
     and then each GPU's devices (PCI bus order, 64 per slice); before 1.35 one slice per GPU with
     its counter set and devices. ``node_uid`` "" leaves the owner reference out (for checks
-    before the Node is known). Slices are not validated here: see :func:`validate_pool`.
+    before the Node is known). ``taints`` maps device names to their taints; ``taintable`` says
+    taints may appear (the layout then keeps to the taint limit from the start). Slices are not
+    validated here: see :func:`validate_pool`.
     """
-    contents = _layout(inventory, server_minor)
+    contents = _layout(inventory, server_minor, taintable or bool(taints))
+    taints = taints or {}
     count = len(contents)
     slices = []
     for index, content in enumerate(contents):
@@ -241,7 +287,7 @@ def build_slices(
         if content.counter_sets:
             spec["sharedCounters"] = [encode_counter_set(cs) for cs in content.counter_sets]
         if content.devices:
-            spec["devices"] = [encode_device(d) for d in content.devices]
+            spec["devices"] = [encode_device(d, taints.get(d.name, ())) for d in content.devices]
         metadata: JsonDict = {"generateName": generate_name(index, count, driver, node_name)}
         if node_uid:
             metadata["ownerReferences"] = [
@@ -807,6 +853,25 @@ def _with_generation(resource_slice: JsonDict, generation: int) -> JsonDict:
     return out
 
 
+def keep_time_added(stored: Mapping[str, Any], body: JsonDict) -> None:
+    """Copy ``timeAdded`` of taints that stay (same device, key, value, effect) into ``body``.
+
+    The API server stamps a taint sent without it; re-sending a slice must not make an old taint
+    look new (tolerationSeconds count from it), as the Go helper preserves it too.
+    """
+    times: dict[tuple[str, str, str, str], str] = {}
+    for device in (stored.get("spec") or {}).get("devices") or []:
+        for taint in device.get("taints") or []:
+            if taint.get("timeAdded"):
+                key = (device["name"], taint.get("key", ""), taint.get("value", ""), taint.get("effect", ""))
+                times[key] = taint["timeAdded"]
+    for device in body["spec"].get("devices") or []:
+        for taint in device.get("taints") or []:
+            key = (device["name"], taint.get("key", ""), taint.get("value", ""), taint.get("effect", ""))
+            if key in times and not taint.get("timeAdded"):
+                taint["timeAdded"] = times[key]
+
+
 # -- pool sync plan ------------------------------------------------------------------------------
 
 
@@ -936,6 +1001,10 @@ class SlicePublisher:
         on_dropped_fields: called once per newly seen set of fields the server dropped from what
             we wrote (partitionable fields on a server without the gate), with the field paths.
         backoff_initial_s, backoff_max_s: retry spacing after a failed sync (doubling, jittered).
+        taintable: device taints may be published (:meth:`set_taints`); the layout keeps to the
+            taint limit of 64 devices per slice from the start.
+        on_sync: called after every sync attempt that wrote or tried to write, with its error
+            (None on success); for metrics.
     """
 
     def __init__(
@@ -949,8 +1018,13 @@ class SlicePublisher:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = BACKOFF_MAX_S,
         watch_timeout_s: int = 300,
+        taintable: bool = False,
+        on_sync: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._kube = kube
+        self._taintable = taintable
+        self._taints: Mapping[str, Sequence[Any]] = {}
+        self._on_sync = on_sync
         self._node = node_name
         self._driver = driver_name
         self._resync_delay = resync_delay_s
@@ -977,6 +1051,9 @@ class SlicePublisher:
         self._reported_dropped: set[str] = set()
         self._partitionable_probed = False
         self._own_versions: set[str] = set()  # resourceVersions our writes produced
+        # Writes sent and not yet answered: the watch may deliver a write's event before its
+        # response arrives, and must then wait for the response to tell an echo from a change.
+        self._writes_in_flight = 0
         self._own_deletes: set[str] = set()  # uids we deleted
         self._watch: SliceWatchHandle | None = None
         self._threads: list[threading.Thread] = []
@@ -1008,6 +1085,21 @@ class SlicePublisher:
             if inventory == self._inventory:
                 return
             self._inventory = inventory
+            self._inventory_version += 1
+            self._due = time.monotonic()
+            self._not_before = 0.0
+            self._cond.notify_all()
+
+    def set_taints(self, taints: Mapping[str, Sequence[Any]]) -> None:
+        """Publish these device taints (device name -> taints; all of them, not a delta).
+
+        A failed write is retried with backoff like any other sync; taints of devices that are
+        not (or no longer) published are ignored.
+        """
+        with self._cond:
+            if dict(taints) == dict(self._taints):
+                return
+            self._taints = dict(taints)
             self._inventory_version += 1
             self._due = time.monotonic()
             self._not_before = 0.0
@@ -1056,7 +1148,9 @@ class SlicePublisher:
                 "pool and hide every GPU from the scheduler; retry discovery (is NVML ready?)"
             )
         minor = self._server_minor if self._server_minor is not None else NEWEST_KNOWN_MINOR
-        validate_pool(build_slices(inventory, self._node, self._driver, "", minor), minor)
+        validate_pool(
+            build_slices(inventory, self._node, self._driver, "", minor, taintable=self._taintable), minor
+        )
 
     # -- sync thread --------------------------------------------------------------------------
 
@@ -1077,20 +1171,22 @@ class SlicePublisher:
                 self._running = True
                 inventory = self._inventory
                 version = self._inventory_version
+                taints = self._taints
             ok = False
+            error: Exception | None = None
             try:
-                self._sync(inventory)
+                self._sync(inventory, taints)
                 ok = True
             except SliceValidationError as exc:
                 # Retrying cannot fix a broken inventory: wait for update().
-                self._last_error = exc
+                self._last_error = error = exc
                 log.error(  # noqa: TRY400 - the message says it all; no traceback needed
                     "resource slices not published: inventory breaks an API limit",
                     node=self._node,
                     error=str(exc),
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
-                self._last_error = exc
+                self._last_error = error = exc
                 self._failures += 1
                 delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
                 delay *= 1 + random.uniform(0, 0.2)  # noqa: S311 - jitter, not security
@@ -1113,8 +1209,13 @@ class SlicePublisher:
                     self._not_before = 0.0
                     self._synced_version = version
                 self._cond.notify_all()
+            if self._on_sync is not None:
+                try:
+                    self._on_sync(error)
+                except Exception:  # an observer must not stop publishing
+                    log.exception("on_sync callback failed")
 
-    def _sync(self, inventory: Inventory | None) -> None:
+    def _sync(self, inventory: Inventory | None, taints: Mapping[str, Sequence[Any]] | None = None) -> None:
         if inventory is None:
             raise DriverError("SlicePublisher has no inventory; call start(inventory) first")
         if self._server_minor is None:
@@ -1136,7 +1237,15 @@ class SlicePublisher:
             log.info("node uid", node=self._node, uid=node_uid)
             self._node_uid = node_uid
         minor = self._server_minor
-        desired = build_slices(inventory, self._node, self._driver, self._node_uid, minor)
+        desired = build_slices(
+            inventory,
+            self._node,
+            self._driver,
+            self._node_uid,
+            minor,
+            taints=taints,
+            taintable=self._taintable,
+        )
         validate_pool(desired, minor)
         if inventory.counter_sets and self._drops_partitionable_fields(desired):
             return  # the owner was told (on_dropped_fields) and publishes another inventory
@@ -1160,16 +1269,19 @@ class SlicePublisher:
             body["spec"] = copy.deepcopy(wanted["spec"])
             body["metadata"]["ownerReferences"] = wanted["metadata"].get("ownerReferences", [])
             body["metadata"].pop("managedFields", None)
+            keep_time_added(existing, body)
             self._api_writes += 1
-            result = self._kube.update_slice(body)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.update_slice(body)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice updated", slice=result["metadata"].get("name"), generation=plan.generation
             )
         for wanted in plan.creates:
             self._api_writes += 1
-            result = self._kube.create_slice(wanted)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.create_slice(wanted)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice created",
                 slice=result["metadata"].get("name"),
@@ -1237,6 +1349,17 @@ class SlicePublisher:
         want = _fingerprint(comparable_spec(desired))
         return have in (want, self._adopted.get(want))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writes_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writes_in_flight -= 1
+                self._cond.notify_all()
+
     def _remember_write(self, sent: JsonDict, stored: JsonDict) -> None:
         with self._cond:
             if len(self._own_versions) > 1000:
@@ -1277,6 +1400,12 @@ class SlicePublisher:
                     return True
                 return False
             version = str(metadata.get("resourceVersion", ""))
+            # Our own create/update may still be waiting for its response (the watch is faster);
+            # once no write is in flight, the versions we caused are all known.
+            self._cond.wait_for(
+                lambda: version in self._own_versions or self._writes_in_flight == 0 or self._stopping,
+                timeout=ECHO_WAIT_S,
+            )
             if version in self._own_versions:
                 self._own_versions.discard(version)
                 return True

@@ -34,6 +34,7 @@ import structlog
 from driver.errors import ClaimError
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
 from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, check_claim_ref, fetch_allocated
+from driver.metrics import operation, stage
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +53,16 @@ class PreparedDevice:
     device: str
     cdi_device_ids: tuple[str, ...]
     share_id: str | None = None
+
+
+class RequestObserver(Protocol):
+    """Hears about each claim's prepare/unprepare: its start, and its outcome with the kubelet's message."""
+
+    def started(self, op: str) -> None: ...
+
+    def finished(
+        self, op: str, ref: ClaimRef, seconds: float, error: Exception | None, message: str
+    ) -> None: ...
 
 
 class ClaimPreparer(Protocol):
@@ -100,10 +111,16 @@ def _ambiguous_uid(uid: str, names: Sequence[str], rpc: str) -> str:
     )
 
 
+#: Longest error text sent to the kubelet (it lands in the pod's events).
+MAX_ERROR_CHARS = 2048
+
+
 def _error_text(exc: BaseException, what: str, ref: ClaimRef) -> str:
     if isinstance(exc, ClaimError):
-        return str(exc)
-    return f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+        text = str(exc)
+    else:
+        text = f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "... [cut]"
 
 
 @dataclass
@@ -113,6 +130,8 @@ class DraService:
     preparer: ClaimPreparer
     source: ClaimSource
     max_parallel_claims: int = 8
+    #: Told about every claim's start and outcome (metrics, Events); set once the daemon has them.
+    observer: RequestObserver | None = None
     _pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,16 +182,28 @@ class DraService:
         return {uid: outcomes[uid] for uid in by_uid}
 
     def _prepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
-        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+        observer = self.observer
+        with (
+            structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id),
+            operation("prepare"),
+        ):
             started = time.perf_counter()
+            if observer is not None:
+                observer.started("prepare")
             try:
-                claim = fetch_allocated(self.source, ref)
+                with stage("claim_get"):
+                    claim = fetch_allocated(self.source, ref)
                 fetched = time.perf_counter()
                 devices = self.preparer.prepare(claim)
             except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
                 self._log_failure(exc, "prepare failed")
-                return ClaimOutcome(error=_error_text(exc, "preparing", ref))
+                message = _error_text(exc, "preparing", ref)
+                if observer is not None:
+                    observer.finished("prepare", ref, time.perf_counter() - started, exc, message)
+                return ClaimOutcome(error=message)
             done = time.perf_counter()
+            if observer is not None:
+                observer.finished("prepare", ref, done - started, None, "")
             log.info(
                 "claim prepared",
                 devices=[d.device for d in devices],
@@ -193,14 +224,25 @@ class DraService:
             )
 
     def _unprepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
-        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+        observer = self.observer
+        with (
+            structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id),
+            operation("unprepare"),
+        ):
             started = time.perf_counter()
+            if observer is not None:
+                observer.started("unprepare")
             try:
                 check_claim_ref(ref)
                 self.preparer.unprepare(ref)
             except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
                 self._log_failure(exc, "unprepare failed")
-                return ClaimOutcome(error=_error_text(exc, "unpreparing", ref))
+                message = _error_text(exc, "unpreparing", ref)
+                if observer is not None:
+                    observer.finished("unprepare", ref, time.perf_counter() - started, exc, message)
+                return ClaimOutcome(error=message)
+            if observer is not None:
+                observer.finished("unprepare", ref, time.perf_counter() - started, None, "")
             log.info("claim unprepared", unprepare_ms=round((time.perf_counter() - started) * 1000, 3))
             return ClaimOutcome()
 

@@ -14,9 +14,13 @@ What it does not do: run containers (fakecri keeps records), or test the emulato
 
 from __future__ import annotations
 
+import json
 import signal
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,23 @@ def prepares(node: SimulatedNode) -> list[Any]:
     return [c for c in node.kubelet.calls if c.method == PREPARE]
 
 
+def as_node(kubelet: RealKubelet, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+    """The HTTP status of one request with the kubelet's own credentials."""
+    ctx = ssl.create_default_context(cafile=str(kubelet.control_plane.pki.ca_crt))
+    ctx.load_cert_chain(str(kubelet.pki_dir / "node.crt"), str(kubelet.pki_dir / "node.key"))
+    req = urllib.request.Request(  # noqa: S310 - the control plane's https URL
+        kubelet.control_plane.server + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:  # noqa: S310
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
 def _host_state() -> dict[str, Any]:
     return {
         "sysctls": {name: Path(f"/proc/sys/{name}").read_text() for name in KUBELET_SYSCTLS},
@@ -118,17 +139,11 @@ def test_the_kubelet_runs_as_its_node_and_leaves_the_host_alone(node_factory: No
     reg = kubelet.plugin_for(DRIVER_NAME)
     assert reg is not None and reg.service == SERVICE_V1
     wait_for(lambda: kubelet.health_streams, WAIT_S, "the kubelet to open the DRA health stream")
-    # The Node authorizer and NodeRestriction apply to it: it may not touch another node.
-    denied = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-         "--cacert", str(node.control_plane.pki.ca_crt),
-         "--cert", str(kubelet.pki_dir / "node.crt"), "--key", str(kubelet.pki_dir / "node.key"),
-         "-X", "PATCH", "-H", "Content-Type: application/merge-patch+json",
-         "-d", '{"metadata":{"labels":{"x":"y"}}}',
-         f"{node.control_plane.server}/api/v1/nodes/some-other-node"],
-        capture_output=True, text=True, check=False, timeout=30,
-    )  # fmt: skip
-    assert denied.stdout == "403", (denied.stdout, denied.stderr)
+    # The Node authorizer and NodeRestriction apply to it, as in a real cluster.
+    assert as_node(kubelet, "GET", "/api/v1/namespaces/kube-system/secrets/any") == 403
+    restricted = {"metadata": {"labels": {"node-restriction.kubernetes.io/pool": "x"}}}
+    assert as_node(kubelet, "PATCH", f"/api/v1/nodes/{node.name}", restricted) == 403
+    assert as_node(kubelet, "GET", f"/api/v1/nodes/{node.name}") == 200
 
     # Inside its namespace the kubelet sees the tunables it wants; the host keeps its own.
     holder = kubelet._holder
@@ -229,6 +244,46 @@ def test_a_plugin_killed_under_a_running_pod_recovers_and_unprepares(node_factor
     assert len(prepares(node)) == 1
 
 
+def test_a_newer_plugin_instance_takes_over_the_kubelets_calls(node_factory: NodeFactory) -> None:
+    """A rolling update as the chart does it (maxSurge 1): the new pod's plugin starts beside the
+    old one with its own pod-UID sockets; the kubelet calls the newer instance, and the old one
+    leaving takes no slices with it."""
+    old_uid, new_uid = str(uuid.uuid4()), str(uuid.uuid4())
+    node = node_factory("rk-roll", "a100-40gb-x8", pod_uid=old_uid)
+    kubelet = real(node)
+    ns = f"rk-{uuid.uuid4().hex[:6]}"
+    node_factory.apply(one_gpu_pod(ns, "before"))
+    before = running_pod(node_factory, node, ns, "before")
+    (first,) = prepares(node)
+    assert old_uid in first.endpoint
+
+    old = node.start_successor(new_uid)
+    assert old is not None and old.poll() is None
+    assert len(kubelet.instances(DRIVER_NAME)) == 2, "both instances must be registered side by side"
+    reg = kubelet.plugin_for(DRIVER_NAME)
+    assert reg is not None and new_uid in reg.endpoint
+    node_factory.apply(one_gpu_pod(ns, "after")[2:])
+    running_pod(node_factory, node, ns, "after")
+    assert [new_uid in c.endpoint for c in prepares(node)] == [False, True]
+
+    # The old instance goes: the kubelet drops it, keeps the node's slices, calls the new one.
+    old.terminate()
+    old.wait(timeout=30)
+    wait_for(lambda: len(kubelet.instances(DRIVER_NAME)) == 1, WAIT_S, "the kubelet to drop the old instance")
+    assert node.slices()
+    uid, name = claim_uid(node_factory, before)
+    node_factory.delete(
+        [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "before", "namespace": ns}}]
+    )
+    unprepares = wait_for(
+        lambda: [c for c in kubelet.calls if c.method == UNPREPARE], WAIT_S, "the kubelet's unprepare"
+    )
+    assert [(c.claims, new_uid in c.endpoint, c.error) for c in unprepares] == [
+        (((ns, uid, name),), True, "")
+    ]
+    assert not [w for w in kubelet.wipes if w.driver == DRIVER_NAME]
+
+
 def test_an_injected_xid_reaches_the_pods_allocated_resources_status(node_factory: NodeFactory) -> None:
     node = node_factory("rk-health", "h100-80gb-x1")
     kubelet = real(node)
@@ -250,4 +305,8 @@ def test_an_injected_xid_reaches_the_pods_allocated_resources_status(node_factor
 
     found = wait_for(unhealthy, WAIT_S, "the pod's allocatedResourcesStatus to show the GPU Unhealthy")
     (resource,) = found
-    assert resource["resourceID"].startswith(f"{DRIVER_NAME}/{node.name}/"), resource
+    # The kubelet names the resource by the CDI id the container got.
+    uid, _ = claim_uid(node_factory, pod)
+    assert [resource["resourceID"]] == kubelet.pod_cdi_devices[pod["metadata"]["uid"]]["app"]
+    assert resource["resourceID"].startswith(f"k8s.gpu.nvidia.com/claim={uid}-")
+    assert "XID 79" in resource["message"], resource

@@ -1,8 +1,9 @@
-"""``make demo``: gpu-dra on a simulated 8x A100 node against a real local control plane.
+"""``make demo``: gpu-dra on a fake 8x A100 node with the real kubelet, against a local control plane.
 
 Why: the quickest way for a person to see the driver do its job end to end - the real API server
 and scheduler allocate GPUs for unchanged user manifests (scenarios 01 and 06), the real plugin
-process prepares them for the emulated kubelet, and the result is printed: for each pod its
+process prepares them for the real kubelet (over a fake container runtime; as root, in a private
+mount namespace), and the result is printed: for each pod its
 node, devices and CDI ids, then the CDI spec one claim got. ``--keep`` leaves it all running
 and prints how to look around.
 
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
                 if d["name"].count("-") == 1
             }
         )
-        step(f"plugin registered with the kubelet emulator; ResourceSlices publish {len(gpus)} GPUs", t0)
+        kind = node.kubelet_kind
+        step(f"plugin registered with the {kind} kubelet; ResourceSlices publish {len(gpus)} GPUs", t0)
         objects: list[dict[str, Any]] = []
         for name in SCENARIOS:
             objects += factory.apply(scenario_path(name))
@@ -173,9 +175,11 @@ def run(args: argparse.Namespace) -> int:
         say()
         registration = node.kubelet.plugin_for(DRIVER_NAME)
         service = registration.service if registration else "?"
+        claims = {uid for c in prepares for _, uid, _ in c.claims}
         say(
-            f"{len(prepares)} NodePrepareResources calls over DRA {service}: "
-            "the claim both 06 pods share was prepared once."
+            f"{len(prepares)} NodePrepareResources calls over DRA {service} for {len(claims)} claims "
+            f"(the {node.kubelet_kind} kubelet may ask once per pod for the claim both 06 pods share; "
+            "the plugin prepares it once)."
         )
         spec = node.cdi_spec(uid)
         say()

@@ -459,6 +459,7 @@ class SimulatedNode:
                 name, self.api, self.registry_dir, known_services=self.kubelet_services
             )
         self._proc: subprocess.Popen[bytes] | None = None
+        self._retired: list[subprocess.Popen[bytes]] = []
         self._started = False
         self._t0 = time.monotonic()
         self._registrations_before = 0
@@ -599,6 +600,21 @@ class SimulatedNode:
         if wait:
             self._wait_registered(before)
 
+    def start_successor(self, pod_uid: str) -> subprocess.Popen[bytes] | None:
+        """A rolling update: a new plugin instance (``--pod-uid``) beside the running one.
+
+        Returns once the kubelet registered it; from then on it is this node's plugin
+        (``kill_plugin``, ``plugin_pid`` act on it). The old process is returned for the test to
+        end; :meth:`stop` ends it too.
+        """
+        old = self._proc
+        if old is not None:
+            self._retired.append(old)
+        self.pod_uid = pod_uid
+        self._proc = None
+        self.start_plugin()
+        return old
+
     def _ok_registrations(self) -> int:
         return len([r for r in self.kubelet.registrations if r.ok])
 
@@ -671,6 +687,14 @@ class SimulatedNode:
     def stop(self) -> None:
         """Stop plugin and kubelet, delete the placeholder pod, the Node and its slices. Idempotent."""
         self.kill_plugin(signal.SIGTERM)
+        for old in self._retired:
+            if old.poll() is None:
+                old.terminate()
+                try:
+                    old.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    old.kill()
+                    old.wait()
         self.kubelet.stop()
         if self._started:
             self._started = False

@@ -150,7 +150,7 @@ class _Records:
     pending: list[tuple[str, str, tuple[ClaimRef, ...]]] = field(default_factory=list)
     wipes: list[WipeRecord] = field(default_factory=list)
     health_streams: list[str] = field(default_factory=list)
-    pod_errors: dict[str, str] = field(default_factory=dict)
+    pod_errors: dict[str, str] = field(default_factory=dict)  # by "namespace/name"
     registration_errors: list[str] = field(default_factory=list)
     pod_cdi_devices: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     cri_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -548,8 +548,8 @@ class RealKubelet:
             )
         elif line.msg == "Successfully started WatchResources health stream":
             rec.health_streams.append(endpoint)
-        elif line.msg == "Error syncing pod, skipping":
-            rec.pod_errors[v.get("podUID", "")] = v.get("err", "")
+        elif line.msg in ("Failed to prepare dynamic resources", "Error syncing pod, skipping"):
+            rec.pod_errors[v.get("pod", "")] = v.get("err", "")
         elif "RegisterPlugin error" in line.msg or "RegisterPlugin error" in v.get("err", ""):
             rec.registration_errors.append(v.get("err", line.msg))
 
@@ -590,8 +590,19 @@ class RealKubelet:
 
     @property
     def pod_errors(self) -> dict[str, str]:
-        """Pod UID -> the kubelet's last "Error syncing pod" text."""
-        return dict(self._refresh().pod_errors)
+        """Pod UID -> the kubelet's last error for the pod (a failed prepare, a failed sync)."""
+        by_name = dict(self._refresh().pod_errors)
+        if not by_name:
+            return {}
+        api: Any = self.control_plane.api_client()
+        try:
+            pods: Any = kclient.CoreV1Api(api).list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={self.node_name}"
+            )
+        finally:
+            api.close()
+        uids = {f"{p.metadata.namespace}/{p.metadata.name}": str(p.metadata.uid) for p in pods.items}
+        return {uids[name]: err for name, err in by_name.items() if name in uids}
 
     @property
     def pod_cdi_devices(self) -> dict[str, dict[str, list[str]]]:
