@@ -65,6 +65,7 @@ _PRE_136_GATES = (
     "DRADeviceTaints",
     "DRAPrioritizedList",
     "DRAConsumableCapacity",
+    "ResourceHealthStatus",  # the kubelet's allocatedResourcesStatus from the DRA health stream
 )
 
 
