@@ -66,6 +66,9 @@ _PRE_136_GATES = (
     "DRAPrioritizedList",
     "DRAConsumableCapacity",
 )
+# DeviceTaintRule has a gate of its own since 1.35 (split from DRADeviceTaints); on 1.36 it is
+# beta but off by default, and the seeds' DeviceTaintRule manifests need it.
+_TAINT_RULES_GATE = "DRADeviceTaintRules"
 
 
 class ControlPlaneError(RuntimeError):
@@ -81,9 +84,11 @@ def _minor(version: str) -> int:
 
 def feature_gates(version: str) -> list[str]:
     """`--feature-gates` entries for a version (same for all components)."""
-    if _minor(version) < 36:
-        return [f"{g}=true" for g in _PRE_136_GATES]
-    return []
+    minor = _minor(version)
+    gates = [f"{g}=true" for g in _PRE_136_GATES] if minor < 36 else []
+    if minor >= 35:
+        gates.append(f"{_TAINT_RULES_GATE}=true")
+    return gates
 
 
 def merge_feature_gates(gates: Sequence[str], extra: Mapping[str, bool] | None) -> list[str]:
@@ -98,15 +103,16 @@ def merge_feature_gates(gates: Sequence[str], extra: Mapping[str, bool] | None) 
 
 
 def runtime_config(version: str) -> list[str]:
-    """`--runtime-config` entries: extra resource.k8s.io versions the alpha gates need."""
+    """`--runtime-config` entries: the resource.k8s.io versions users' manifests are written in.
+
+    The beta versions are off by default since v1 went GA, yet seed manifests (and clusters
+    upgraded from 1.32/1.33) still use them, and DeviceTaintRule is served in v1beta2 on 1.36.
+    """
+    served = ["resource.k8s.io/v1beta1=true", "resource.k8s.io/v1beta2=true"]
     if _minor(version) < 36:
         # DeviceTaintRule lives in v1alpha3 while DRADeviceTaints is alpha.
-        return [
-            "resource.k8s.io/v1beta1=true",
-            "resource.k8s.io/v1beta2=true",
-            "resource.k8s.io/v1alpha3=true",
-        ]
-    return []
+        served.append("resource.k8s.io/v1alpha3=true")
+    return served
 
 
 def free_port() -> int:
