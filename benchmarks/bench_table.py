@@ -220,7 +220,11 @@ def precompile(tree: Path) -> None:
 
 
 def in_cluster_possible() -> bool:
-    return os.geteuid() == 0 and shutil.which("unshare") is not None
+    """Whether a private mount namespace with a tmpfs over /run can be made here (root, unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /run"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def make_credentials(mode: str, cp: Any, workdir: Path) -> Credentials:

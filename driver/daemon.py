@@ -230,7 +230,7 @@ class Daemon:
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
-            health = HealthServer(paths, cfg.healthcheck_port)
+            health = HealthServer(paths, cfg.healthcheck_port, cfg.healthcheck_address)
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
