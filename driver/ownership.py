@@ -339,9 +339,9 @@ def _sharing(ledger: Ledger, mps: SharingRecords | None) -> dict[str, list[dict[
         sharing.setdefault(uid, []).extend(records)
     if mps is not None:
         for record in mps.leftovers(""):
-            uid = mps_claim_uid(record)
-            if uid:
-                sharing.setdefault(uid, []).append({"kind": "mps", **record})
+            owner = mps_claim_uid(record)
+            if owner:
+                sharing.setdefault(owner, []).append({"kind": "mps", **record})
     return sharing
 
 
