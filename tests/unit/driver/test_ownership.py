@@ -63,7 +63,11 @@ def test_rebuild_from_specs_marks_and_records(tmp_path: Path) -> None:
             ]
         }
     )
-    per_claim: dict[str, object] = {"groupId": mps_group_id("uid-mps", [GPU1]), "uuids": [GPU1], "groupDir": "/x"}
+    per_claim: dict[str, object] = {
+        "groupId": mps_group_id("uid-mps", [GPU1]),
+        "uuids": [GPU1],
+        "groupDir": "/x",
+    }
     shared: dict[str, object] = {"groupId": f"shared-{GPU1}", "uuids": [GPU1], "groupDir": "/y"}
     out = rebuild(
         pool="node-a",
