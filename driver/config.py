@@ -32,7 +32,10 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "DynamicMIG": True,
     "NVMLDeviceHealthCheck": False,
     "PassthroughSupport": False,
-    "ConsumableShares": False,
+    # On by default, unlike NVIDIA's: shares are published only where the API server keeps the
+    # consumable-capacity fields (a dry-run probe decides), and mode "memory" makes a claim that
+    # asks for no capacity take the whole GPU, so existing manifests behave as before.
+    "ConsumableShares": True,
     "DRAListTypeAttributes": False,
 }
 
@@ -125,6 +128,9 @@ class Config:
     mps_ready_timeout_s: float = 10.0
     """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
 
+    consumable_shares: str = "memory"
+    """How full GPUs are offered as shares: memory, unlimited, N (shares) or disabled. (CONSUMABLE_SHARES)"""
+
     @property
     def state_dir(self) -> Path:
         """Where the checkpoint, locks and the DRA socket live."""
@@ -204,6 +210,13 @@ _FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag(
         "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
+    ),
+    _Flag(
+        "--consumable-shares",
+        ("CONSUMABLE_SHARES",),
+        "How full GPUs are offered as shares (gate ConsumableShares): memory, unlimited, a number N "
+        "of shares, or disabled.",
+        "memory",
     ),
 )
 
@@ -318,6 +331,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
+        consumable_shares=(v["consumable_shares"] or "memory").strip().lower(),
     )
 
 
@@ -332,6 +346,7 @@ def validate(cfg: Config) -> list[str]:
         *_backend_problems(cfg),
         *_api_problems(cfg),
         *_gate_problems(cfg.feature_gates),
+        *_share_problems(cfg),
     ]
 
 
@@ -421,6 +436,16 @@ def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
         for a, b in exclusive
         if gates.get(a) and gates.get(b)
     ]
+
+
+def _share_problems(cfg: Config) -> list[str]:
+    from driver.shares import parse_share_mode
+
+    try:
+        parse_share_mode(cfg.consumable_shares)
+    except ValueError as exc:
+        return [f"--consumable-shares / CONSUMABLE_SHARES: {exc}"]
+    return []
 
 
 def load(argv_ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
