@@ -91,6 +91,7 @@ def plugin_node(work: Path, cdi: Path) -> Any:
     """A node set up as the daemon runs it: single instance, CDI specs on tmpfs like /var/run/cdi."""
     node = make_node(work, single_instance=True, locks=DeviceLocks(None))
     node.cdi.root = cdi
+    node.cdi.durable = False  # as the daemon writes claim specs
     return node
 
 
@@ -274,14 +275,14 @@ def _api_burst(plugin: PluginProcess, claims: list[dict[str, Any]], rounds: int)
 
 def _claim_get_burst(cp: Any, claims: list[dict[str, Any]]) -> None:
     """64 concurrent claim GETs through driver.kube.Kube: one shared bucket (before) vs the claim bucket."""
-    from driver.kube import Kube
+    from driver.kube import Kube, RestTransport
 
     print("  64 concurrent claim GETs through driver.kube.Kube (a kubelet syncing 64 pods):")
     for label, kwargs in (
         ("shared bucket 5 qps / burst 10 (before)", {"claim_qps": 5.0, "claim_burst": 10}),
         ("claim bucket (default, after)", {}),
     ):
-        kube = Kube(cp.api_client(), **kwargs)  # type: ignore[arg-type]
+        kube = Kube(RestTransport(cp.api_client().configuration), **kwargs)  # type: ignore[arg-type]
         kube.resource_api_version()  # discovery is a one-off, not part of the burst
         barrier = threading.Barrier(64)
 

@@ -1,9 +1,9 @@
 """The CDI spec directory as the driver uses it: one transient spec file per prepared claim.
 
-A spec is validated before it is written and written atomically (temp file, fsync, rename, fsync
-dir), so a runtime scanning the directory - or a plugin restarted after kill -9 - sees the whole
-old file or the whole new one, never an incomplete spec. Start-up uses :meth:`CdiStore.orphans`
-to find specs no checkpoint entry owns.
+A spec is validated before it is written and written atomically (temp file, rename; with
+``durable`` also fsync of file and directory), so a runtime scanning the directory - or a plugin
+restarted after kill -9 - sees the whole old file or the whole new one, never an incomplete spec.
+Start-up uses :meth:`CdiStore.orphans` to find specs no checkpoint entry owns.
 
 What it does not do: decide what goes into a spec (:mod:`cdi.edits`), or touch files of other
 kinds in the same directory (the NVIDIA toolkit's, other drivers').
@@ -27,10 +27,15 @@ SPEC_FILE_MODE = 0o644
 
 
 class CdiStore:
-    """Per-claim CDI spec files under ``root`` (the CDI root, e.g. ``/var/run/cdi``)."""
+    """Per-claim CDI spec files under ``root`` (the CDI root, e.g. ``/var/run/cdi``).
 
-    def __init__(self, root: Path) -> None:
+    ``durable=False`` skips the fsyncs (see :mod:`cdi.atomicfile`): right for specs that are void
+    after a reboot anyway, such as claim specs whose owner forgets every claim on reboot.
+    """
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
+        self.durable = durable
 
     def path_for(self, claim_uid: str) -> Path:
         """Where the spec of ``claim_uid`` lives."""
@@ -40,14 +45,14 @@ class CdiStore:
         """Validate ``spec`` as the spec of ``claim_uid`` and write it atomically; return its path."""
         check_claim_spec(claim_uid, spec)
         path = self.path_for(claim_uid)
-        write_atomic(path, spec.to_json(), mode=SPEC_FILE_MODE)
+        write_atomic(path, spec.to_json(), mode=SPEC_FILE_MODE, durable=self.durable)
         log.debug("cdi spec written", path=str(path), devices=[d.name for d in spec.devices])
         return path
 
     def remove_claim_spec(self, claim_uid: str) -> bool:
         """Delete the spec of ``claim_uid`` durably; return whether it existed."""
         path = self.path_for(claim_uid)
-        removed = remove_durable(path)
+        removed = remove_durable(path, durable=self.durable)
         if removed:
             log.debug("cdi spec removed", path=str(path))
         return removed

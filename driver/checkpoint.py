@@ -13,9 +13,14 @@ Why each part exists:
 
 * ``PrepareStarted`` is written before any side effect and ``PrepareCompleted`` after, so after a
   crash start-up knows which claims need rolling back;
-* writes are atomic (temp file, fsync, rename, fsync dir) and every read-modify-write runs under a
-  file lock on ``<path>.lock``, so kill -9 at any point leaves the old or the new file and two
-  plugin processes (rolling update) never lose each other's updates; a read-modify-write still
+* writes are atomic (temp file, rename) and every read-modify-write runs under a file lock on
+  ``<path>.lock``, so kill -9 at any point leaves the old or the new file and two plugin
+  processes (rolling update) never lose each other's updates. No fsync: what the file says
+  matters only until the next reboot (see the boot id below), and a killed process's writes are
+  in the page cache, which outlives it; only a power loss or kernel crash can lose the last
+  writes or leave a short file, and after either the boot id has changed, so every claim is
+  dropped anyway (a file damaged that way is moved aside as corrupt). The two fsyncs per write
+  were most of a prepare's own time. A read-modify-write still
   reads the file, but when its bytes are the ones this store last wrote or read it reuses the
   claims decoded then instead of parsing and verifying them again;
 * the checksum catches a torn or hand-edited file; :meth:`CheckpointStore.startup` moves such a
@@ -322,7 +327,7 @@ class CheckpointStore:
     def _write_unlocked(self, claims: Mapping[str, PreparedClaim]) -> None:
         payload = _encode_bytes(self.boot_id, claims)
         self._known = None  # a failed write leaves the file in a state we did not see
-        write_atomic(self.path, payload, mode=FILE_MODE)
+        write_atomic(self.path, payload, mode=FILE_MODE, durable=False)
         self._known = (payload, dict(claims))
 
     def load(self) -> dict[str, PreparedClaim]:

@@ -31,8 +31,12 @@ def _run_plugin(args: argparse.Namespace) -> int:
     return daemon.run(cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser: ``plugin`` plus whatever debug commands are registered."""
+def build_parser(*, debug_commands: bool = True) -> argparse.ArgumentParser:
+    """The full argument parser: ``plugin`` plus whatever debug commands are registered.
+
+    ``debug_commands=False`` leaves the debug commands out: ``gpu-dra plugin`` parses its flags
+    without importing them (their CEL, YAML and rendering code is no part of the daemon).
+    """
     from driver.config import add_plugin_flags
 
     parser = argparse.ArgumentParser(
@@ -46,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plugin_flags(plugin)
     plugin.set_defaults(func=_run_plugin)
-    register_extra_commands(subparsers)
+    if debug_commands:
+        register_extra_commands(subparsers)
     return parser
 
 
@@ -63,8 +68,9 @@ def register_extra_commands(subparsers: argparse._SubParsersAction[argparse.Argu
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    parser = build_parser(debug_commands=arguments[:1] != ["plugin"])
+    args = parser.parse_args(arguments)
     func: Command | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -30,7 +30,9 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "TimeSlicingSettings": True,
     "MPSSupport": True,
     "DynamicMIG": True,
-    "NVMLDeviceHealthCheck": False,
+    # Device taints from health (NVIDIA's gate of the same name is alpha and off; here it is on,
+    # combined with dynamic MIG, MPS and time-slicing).
+    "NVMLDeviceHealthCheck": True,
     "PassthroughSupport": False,
     # On by default, unlike NVIDIA's: shares are published only where the API server keeps the
     # consumable-capacity fields (a dry-run probe decides), and mode "memory" makes a claim that
@@ -130,6 +132,17 @@ class Config:
 
     consumable_shares: str = "memory"
     """How full GPUs are offered as shares: memory, unlimited, N (shares) or disabled. (CONSUMABLE_SHARES)"""
+    additional_xids_to_ignore: frozenset[int] = frozenset()
+    """XIDs treated as application errors on top of NVIDIA's list. (ADDITIONAL_XIDS_TO_IGNORE)"""
+
+    gpu_lost_taint_effect: str = "NoSchedule"
+    """Effect of the gpu.nvidia.com/gpu-lost taint; NoExecute evicts running pods. (GPU_LOST_TAINT_EFFECT)"""
+
+    recovery_poll_s: float = 10.0
+    """How often GPUs with faults are checked for recovery. (RECOVERY_POLL_INTERVAL)"""
+
+    metrics_port: int = -1
+    """TCP port of the Prometheus /metrics endpoint (all addresses); -1 off, 0 any. (METRICS_PORT)"""
 
     @property
     def state_dir(self) -> Path:
@@ -218,6 +231,25 @@ _FLAGS: tuple[_Flag, ...] = (
         "of shares, or disabled.",
         "memory",
     ),
+        "--additional-xids-to-ignore",
+        ("ADDITIONAL_XIDS_TO_IGNORE",),
+        "Comma-separated XIDs to treat as application errors (taint effect None).",
+        "",
+    ),
+    _Flag(
+        "--gpu-lost-taint-effect",
+        ("GPU_LOST_TAINT_EFFECT",),
+        "Effect of the gpu.nvidia.com/gpu-lost device taint (NoExecute evicts the GPU's pods).",
+        "NoSchedule",
+        ("NoSchedule", "NoExecute"),
+    ),
+    _Flag(
+        "--recovery-poll-interval",
+        ("RECOVERY_POLL_INTERVAL",),
+        "Seconds between recovery checks of GPUs with health faults.",
+        "10",
+    ),
+    _Flag("--metrics-port", ("METRICS_PORT",), "Prometheus /metrics port on all addresses (-1: off).", "-1"),
 )
 
 
@@ -300,6 +332,21 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
             "--mps-ready-timeout / MPS_READY_TIMEOUT must be a number of seconds, "
             f"got {v['mps_ready_timeout']!r}"
         ) from None
+    try:
+        recovery_poll = float(v["recovery_poll_interval"] or "10")
+    except ValueError:
+        raise ConfigError(
+            "--recovery-poll-interval / RECOVERY_POLL_INTERVAL must be a number of seconds, "
+            f"got {v['recovery_poll_interval']!r}"
+        ) from None
+    try:
+        metrics_port = int(v["metrics_port"] or "-1")
+    except ValueError:
+        raise ConfigError(
+            f"--metrics-port / METRICS_PORT must be an integer, got {v['metrics_port']!r}"
+        ) from None
+    from driver.health import parse_xid_list
+
     no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
     driver_root = Path(v["driver_root"] or "/")
     return Config(
@@ -332,6 +379,10 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
         consumable_shares=(v["consumable_shares"] or "memory").strip().lower(),
+        additional_xids_to_ignore=parse_xid_list(v["additional_xids_to_ignore"] or ""),
+        gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
+        recovery_poll_s=recovery_poll,
+        metrics_port=metrics_port,
     )
 
 
@@ -363,6 +414,20 @@ def _identity_problems(cfg: Config) -> list[str]:
         problems.append(
             f"--pod-uid / POD_UID {cfg.pod_uid!r} is not a pod UID (lower-case letters, digits, '-'); "
             "set it from the downward API (metadata.uid)"
+        )
+    if not -1 <= cfg.metrics_port <= 65535:
+        problems.append(
+            f"--metrics-port / METRICS_PORT {cfg.metrics_port} is out of range; "
+            "use -1 (off), 0 (any free port) or 1-65535"
+        )
+    if cfg.metrics_port > 0 and cfg.metrics_port == cfg.healthcheck_port:
+        problems.append(
+            f"--metrics-port / METRICS_PORT and --healthcheck-port / HEALTHCHECK_PORT are both "
+            f"{cfg.metrics_port}; give them different ports"
+        )
+    if not cfg.recovery_poll_s > 0:
+        problems.append(
+            f"--recovery-poll-interval / RECOVERY_POLL_INTERVAL {cfg.recovery_poll_s} must be > 0 seconds"
         )
     if not -1 <= cfg.healthcheck_port <= 65535:
         problems.append(

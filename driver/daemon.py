@@ -1,26 +1,34 @@
 """``gpu-dra plugin``: the start-up order, the signal handling and the shutdown of the node daemon.
 
-Start-up, in this order (each step needs the one before):
+Start-up, in this order:
 
-1. configuration is already validated (``driver.config``); logging is configured;
-2. NVML session (real or fake) and discovery -> :class:`~driver.inventory.Inventory`; when NVML
+1. configuration is already validated (``driver.config``); logging is configured; the API client
+   is loaded on a thread of its own (only when an API server is configured);
+2. DRA gRPC server, **then** the registration socket (the kubelet must find a live endpoint).
+   They need only gRPC and the generated stubs, so the kubelet's ``GetInfo`` (1 s deadline) is
+   answered within a few hundred milliseconds of the spawn; a prepare, unprepare or health
+   stream that arrives now waits (up to :data:`STARTUP_WAIT_S`) at the start-up gate;
+3. NVML session (real or fake) and discovery -> :class:`~driver.inventory.Inventory`; when NVML
    is not ready or finds no GPU, retry with backoff and say so each time - never serve or publish
-   an empty node and go quiet;
-3. checkpoint start-up (earlier boot dropped, corrupt file moved aside) and
+   an empty node and go quiet (waiting calls get a temporary error naming the step);
+4. checkpoint start-up (earlier boot dropped, corrupt file moved aside) and
    :meth:`~driver.state.DeviceState.reconcile` (unfinished prepares rolled back, orphan CDI specs
-   removed);
-4. DRA gRPC server, **then** the registration socket (the kubelet must find a live endpoint);
+   removed); then the gate opens (``plugin ready``);
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
-6. wait for SIGTERM/SIGINT; then stop accepting calls, remove only our sockets, exit 0.
+6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
+   :data:`SHUTDOWN_GRACE_S`, remove only our sockets, and exit without the interpreter's teardown
+   (a call still running past the grace is abandoned, exactly as kill -9 would: the checkpoint
+   says ``PrepareStarted`` and the next start rolls it back).
 
-The Kubernetes client is imported only when an API server is configured, which keeps it off the
-start-up path of tests and of the fake backend's demos.
+Nothing on the way to the sockets imports the debug CLI, CEL, YAML or the Kubernetes client.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,25 +42,37 @@ import structlog
 
 from driver import log as logsetup
 from driver.config import Config
-from driver.errors import CheckpointError, ConfigError, DriverError, NvmlError
+from driver.errors import CheckpointError, ConfigError, DriverError, NvmlError, TemporaryClaimError
 from driver.inventory import Inventory
 from driver.kubeletplugin import KubeletPlugin, SocketPaths
-from driver.kubeletplugin.claims import Claim, ClaimSource, DirectoryClaimSource, KubeClaimSource
+from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, DirectoryClaimSource, KubeClaimSource
 from driver.kubeletplugin.draservice import DraService
+from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
+from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
+from driver.kubeletplugin.sockets import private_dir
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore
     from driver.discovery import MigHook
+    from driver.health import HealthMonitor, Snapshot
     from driver.kube import Kube
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, ShareAction, SharingAction
+    from driver.taints import DeviceTaints, TaintSync
     from sharing.mps import MpsManager
 
 log = structlog.get_logger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+#: How long a kubelet call that arrives during start-up waits for discovery, reconcile and the
+#: API client before it gets a temporary error (the kubelet retries; its own call timeout is 45 s).
+STARTUP_WAIT_S = 30.0
+#: How long running kubelet calls may take to finish after SIGTERM.
+SHUTDOWN_GRACE_S = 5.0
+#: After this long the start-up work (first slice publication included) is normally done.
+STARTUP_SETTLE_S = 10.0
 CHECKPOINT_FILE = "checkpoint.json"
 #: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
 MPS_HOST_LAUNCHER = (
@@ -93,6 +113,7 @@ class Daemon:
     stop: threading.Event = field(default_factory=threading.Event)
     backoff: Backoff = field(default_factory=Backoff)
     started_at: float = field(default_factory=time.monotonic)
+    stop_requested_at: float | None = None
     plugin: KubeletPlugin | None = None
     state: DeviceState | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
@@ -102,6 +123,9 @@ class Daemon:
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
     _shares_fallback: bool = False
+    _taint_sync: TaintSync | None = None
+    gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
+    _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
 
     def run(self) -> int:
         """Start everything, wait for a stop signal, shut down; return the exit code."""
@@ -119,32 +143,18 @@ class Daemon:
 
     def _start(self) -> None:
         cfg = self.cfg
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        # Importing the Kubernetes client costs more than the rest of start-up together; it runs
-        # while NVML opens and discovers, so the kubelet finds the sockets sooner.
+        private_dir(cfg.state_dir)  # checkpoint, locks, sockets: 0700 whatever the umask
+        # The API client loads on its own thread, while the sockets come up and NVML discovers.
         kube_future: Future[Kube] | None = None
         if cfg.publish or cfg.fake_claims_dir is None:
             kube_future = Future()
             threading.Thread(
                 target=self._connect_kube, args=(kube_future,), name="kube-client", daemon=True
             ).start()
-        nvml = self._open_nvml()
-        if nvml is None:
-            return
-        checkpoint = self._checkpoint()
-        self._mig_backend = self._mig(nvml)
-        inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
-        if inventory is None:
-            return
-        inventory = self._offer_shares(inventory)
-        self._nvml = nvml
-        self._checkpoint_store = checkpoint
-        self.state = self._device_state(inventory, checkpoint)
-        self.state.reconcile()
         source: ClaimSource = (
             DirectoryClaimSource(cfg.fake_claims_dir)
             if cfg.fake_claims_dir is not None
-            else _DeferredClaimSource(_need(kube_future))
+            else _DeferredClaimSource(_need(kube_future), self.gate)
         )
         paths = SocketPaths.for_driver(
             cfg.kubelet_registrar_directory_path,
@@ -152,36 +162,35 @@ class Daemon:
             cfg.driver_name,
             cfg.pod_uid,
         )
-        # --- device health stream (driver.health, driver.kubeletplugin.healthstream) ---
-        from driver.health import HealthMonitor, open_source
-        from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
-
-        device_state = self.state
-        monitor = HealthMonitor(
-            cfg.node_name,
-            lambda: device_state.inventory.devices,
-            open_source(
-                cfg.nvml_backend,
-                nvml,
-                (d.gpu_uuid for d in inventory.devices),
-                fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
-            ),
-        )
-        monitor.start()
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
-            DraService(self.state, source),
-            extra_handlers=health_handlers(monitor),
+            DraService(_GatedPreparer(self.gate), source),
+            extra_handlers=health_handlers(self._health),
             extra_services=HEALTH_SERVICES,
         )
         self.plugin.start()
-        self._closers.append(self.plugin.stop)
-        # Closers run in reverse: the monitor stops first, which ends the open health streams so
-        # the DRA server's graceful stop does not wait for them.
-        self._closers.append(monitor.stop)
-        # --- end device health stream ---
-        log.info("plugin ready", startup_ms=round((time.monotonic() - self.started_at) * 1000, 1))
+        log.info("sockets ready", startup_ms=_ms_since(self.started_at))
+
+        self.gate.phase = "opening NVML"
+        nvml = self._open_nvml()
+        if nvml is None:
+            return
+        self.gate.phase = "loading the checkpoint"
+        checkpoint = self._checkpoint()
+        self._mig_backend = self._mig(nvml)
+        self.gate.phase = "discovering GPUs"
+        inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
+        if inventory is None:
+            return
+        inventory = self._offer_shares(inventory)
+        self._checkpoint_store = checkpoint
+        self.gate.phase = "rolling back unfinished prepares"
+        self.state = self._device_state(inventory, checkpoint)
+        self.state.reconcile()
+        self._start_health(nvml, self.state)
+        self.gate.open(self.state)
+        log.info("plugin ready", startup_ms=_ms_since(self.started_at))
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
@@ -190,6 +199,54 @@ class Daemon:
             self._closers.append(health.stop)
         if cfg.publish:
             self._start_publisher(_need(kube_future).result(), inventory)
+        settled = threading.Timer(STARTUP_SETTLE_S, release_startup_memory)
+        settled.daemon = True
+        settled.start()
+
+    def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
+        """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
+        from driver.health import IGNORED_XIDS, HealthMonitor, open_source
+        from driver.recovery import ClearRequests, NvmlRecoveryProbe, RecoveryRules
+
+        cfg = self.cfg
+        monitor = HealthMonitor(
+            cfg.node_name,
+            lambda: state.inventory.devices,
+            open_source(
+                cfg.nvml_backend,
+                nvml,
+                (d.gpu_uuid for d in state.inventory.devices),
+                fake_state=cfg.fake_state or (cfg.state_dir / "fake-nvml.json"),
+                ignored=IGNORED_XIDS | cfg.additional_xids_to_ignore,
+            ),
+            recovery=RecoveryRules(NvmlRecoveryProbe(nvml)),
+            recovery_poll_s=cfg.recovery_poll_s,
+            clears=ClearRequests(cfg.state_dir),
+        )
+        monitor.start()
+        self._health.attach(monitor)
+        self._start_taints(monitor)
+
+    def _start_taints(self, monitor: HealthMonitor) -> None:
+        """Device taints from the health snapshots (gate NVMLDeviceHealthCheck), plus the status file."""
+        from driver.taints import STATUS_FILE, TaintSync
+
+        cfg = self.cfg
+        taints_on = cfg.gate("NVMLDeviceHealthCheck")
+
+        def publish(taints: DeviceTaints) -> None:
+            if self._publisher is not None:
+                self._publisher.set_taints(taints)
+
+        sync = TaintSync(
+            monitor,
+            publish if taints_on and cfg.publish else None,
+            cfg.state_dir / STATUS_FILE,
+            lost_effect=cfg.gpu_lost_taint_effect,
+        )
+        sync.start()
+        self._taint_sync = sync if taints_on else None
+        self._closers.append(sync.stop)
 
     def _open_nvml(self) -> Nvml | None:
         from driver.nvml.backend import Nvml
@@ -212,7 +269,7 @@ class Daemon:
                 if self.stop.wait(delay):
                     return None
                 continue
-            self._closers.append(nvml.shutdown)
+            self._nvml = nvml
             return nvml
         return None  # pragma: no cover - the delay generator never ends
 
@@ -361,7 +418,9 @@ class Daemon:
             pool_name=cfg.node_name,
             inventory=inventory,
             checkpoint=checkpoint,
-            cdi=CdiStore(cfg.cdi_root),
+            # Claim specs are void after a reboot (the checkpoint drops every claim, the start-up
+            # sweep removes their specs), so they are written atomically but not fsync'd.
+            cdi=CdiStore(cfg.cdi_root, durable=False),
             edits=edits,
             # Cross-process GPU locks matter only when two instances overlap (rolling update).
             locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
@@ -385,8 +444,14 @@ class Daemon:
         except ImportError as exc:  # pragma: no cover - until the publisher lands
             raise ConfigError(f"ResourceSlice publishing is not available in this build: {exc}") from exc
         publisher = SlicePublisher(
-            kube, self.cfg.node_name, self.cfg.driver_name, on_dropped_fields=self._fields_dropped
+            kube,
+            self.cfg.node_name,
+            self.cfg.driver_name,
+            on_dropped_fields=self._fields_dropped,
+            taintable=self._taint_sync is not None,
         )
+        if self._taint_sync is not None:
+            publisher.set_taints(self._taint_sync.current)
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
@@ -408,6 +473,14 @@ class Daemon:
         GPUs are then published whole (the scheduler would otherwise see a plain device whose
         claims still carry no share).
         """
+        if any(f.endswith(".taints") for f in fields):
+            log.warning(
+                "API server does not keep device taints; unhealthy GPUs stay schedulable "
+                "(the kubelet's health stream still reports them)",
+                fields=list(fields),
+                fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
+                "(on by default from Kubernetes 1.36)",
+            )
         counters = not self._static_fallback and any("ounter" in f for f in fields)
         shares = not self._shares_fallback and any(
             "allowMultipleAllocations" in f or "requestPolicy" in f for f in fields
@@ -464,13 +537,142 @@ class Daemon:
         self._publisher.update(inventory)
 
     def _shutdown(self) -> None:
-        for close in reversed(self._closers):
+        """Stop serving the kubelet first (health streams end, running calls get the grace), then
+        everything else in the reverse order of start-up."""
+        self.gate.close()
+        monitor_done = self._health.close()
+        if self.plugin is not None:
+            self.plugin.stop(SHUTDOWN_GRACE_S)
+        closers = list(reversed(self._closers))
+        # NVML goes last, and only once the health monitor no longer sits in an NVML event
+        # wait: shutting NVML down under it is undefined, and the process ends in a moment anyway.
+        if self._nvml is not None and monitor_done:
+            closers.append(self._nvml.shutdown)
+        for close in closers:
             try:
                 close()
             except Exception as exc:  # noqa: BLE001 - shutdown goes on; each step is independent
                 log.warning("shutdown step failed", step=getattr(close, "__qualname__", "?"), error=str(exc))
         self._closers.clear()
-        log.info("stopped")
+        log.info("stopped", shutdown_ms=_ms_since(self._stop_requested_at()))
+
+    def _stop_requested_at(self) -> float:
+        return self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
+
+
+def release_startup_memory() -> None:
+    """Collect start-up's garbage and hand the freed heap back to the kernel, once.
+
+    Imports, the topology and the first publication leave freed blocks that glibc keeps for
+    reuse; an idle daemon never reuses them, so they are ~3 MiB of resident memory for nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _ms_since(t: float) -> float:
+    return round((time.monotonic() - t) * 1000, 1)
+
+
+class StartupGate:
+    """Holds kubelet calls that arrive before start-up is done, each for at most ``wait_s``.
+
+    ``phase`` names the start-up step in progress; a call that waits too long gets a temporary
+    error naming it, and the kubelet retries.
+    """
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+        self.phase = "starting"
+        self._state: DeviceState | None = None
+        self._done = threading.Event()
+
+    def open(self, state: DeviceState) -> None:
+        """Start-up is done: let every waiting and later call through to ``state``."""
+        self._state = state
+        self._done.set()
+
+    def close(self) -> None:
+        """The plugin stops: release the waiting calls (they fail; the kubelet retries elsewhere)."""
+        self.phase = "stopping"
+        self._done.set()
+
+    def wait(self) -> None:
+        """Return once start-up is done; raises TemporaryClaimError after ``wait_s`` or on stop."""
+        if not self._done.wait(self.wait_s):
+            raise TemporaryClaimError(
+                f"the plugin is still starting ({self.phase}) after {self.wait_s:.0f}s; "
+                "the kubelet retries - if this lasts, see the plugin log for the step that does not finish"
+            )
+
+    def state(self) -> DeviceState:
+        """The device state once start-up is done (see :meth:`wait`)."""
+        self.wait()
+        if self._state is None:
+            raise TemporaryClaimError(
+                f"the plugin is {self.phase}; the kubelet retries with the next instance"
+            )
+        return self._state
+
+
+class _GatedPreparer:
+    """The kubelet's calls go to the device state once the start-up gate opens."""
+
+    def __init__(self, gate: StartupGate) -> None:
+        self._gate = gate
+
+    def prepare(self, claim: Claim) -> Sequence[ReplyDevice]:
+        return self._gate.state().prepare(claim)
+
+    def unprepare(self, ref: ClaimRef) -> None:
+        self._gate.state().unprepare(ref)
+
+
+class LateHealthMonitor:
+    """The health monitor as the DRA socket sees it before discovery has made the real one.
+
+    A health stream the kubelet opens right after registration waits (up to ``wait_s``) for the
+    real monitor instead of being sent an empty device list; after that every call goes to it.
+    """
+
+    def __init__(self, wait_s: float) -> None:
+        self._wait_s = wait_s
+        self._monitor: HealthMonitor | None = None
+        self._settled = threading.Event()
+        self._closed = False
+
+    def attach(self, monitor: HealthMonitor) -> None:
+        self._monitor = monitor
+        self._settled.set()
+
+    def close(self) -> bool:
+        """End every stream at once; return whether the monitor's thread is gone (or never ran)."""
+        self._closed = True
+        self._settled.set()
+        return self._monitor.stop(join_s=0.0) if self._monitor is not None else True
+
+    @property
+    def stopped(self) -> bool:
+        return self._closed or (self._monitor is not None and self._monitor.stopped)
+
+    def snapshot(self) -> Snapshot | None:
+        self._settled.wait(self._wait_s)
+        monitor = self._monitor
+        return None if monitor is None or self._closed else monitor.snapshot()
+
+    def wait_for_change(
+        self, version: int, timeout_s: float, cancelled: Callable[[], bool] = lambda: False
+    ) -> Snapshot | None:
+        monitor = self._monitor
+        return None if monitor is None else monitor.wait_for_change(version, timeout_s, cancelled)
+
+    def wake(self) -> None:
+        if self._monitor is not None:
+            self._monitor.wake()
 
 
 def _need(kube: Future[Kube] | None) -> Future[Kube]:
@@ -480,21 +682,35 @@ def _need(kube: Future[Kube] | None) -> Future[Kube]:
 
 
 class _DeferredClaimSource:
-    """Claim GETs through the API client once it is connected (see ``Daemon._start``)."""
+    """Claim GETs through the API client once it is loaded (see ``Daemon._start``), waiting for it
+    as long as the start-up gate lets a call wait."""
 
-    def __init__(self, kube: Future[Kube]) -> None:
+    def __init__(self, kube: Future[Kube], gate: StartupGate) -> None:
         self._kube = kube
+        self._gate = gate
+        self._source: KubeClaimSource | None = None
 
     def get(self, namespace: str, name: str) -> Claim:
-        return KubeClaimSource(self._kube.result()).get(namespace, name)
+        if self._source is None:
+            try:
+                kube = self._kube.result(self._gate.wait_s)
+            except TimeoutError:
+                raise TemporaryClaimError(
+                    f"the plugin is still loading its API client after {self._gate.wait_s:.0f}s; "
+                    "the kubelet retries"
+                ) from None
+            self._source = KubeClaimSource(kube)
+        return self._source.get(namespace, name)
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM / SIGINT set ``stop``; a second signal is the same request, not a crash."""
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM / SIGINT stop the daemon; a second signal is the same request, not a crash."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
+        if daemon.stop_requested_at is None:
+            daemon.stop_requested_at = time.monotonic()
         log.info("signal received", signal=signal.Signals(signum).name)
-        stop.set()
+        daemon.stop.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
@@ -513,5 +729,10 @@ def run(cfg: Config) -> int:
         publish=cfg.publish,
     )
     daemon = Daemon(cfg)
-    install_signal_handlers(daemon.stop)
-    return daemon.run()
+    install_signal_handlers(daemon)
+    code = daemon.run()
+    # Everything is on disk and our sockets are gone. The interpreter's teardown would join every
+    # worker thread - a call abandoned after the grace included - and unload every module.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

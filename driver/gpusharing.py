@@ -25,6 +25,7 @@ from cdi.spec import ContainerEdits
 from driver.errors import PermanentClaimError, TemporaryClaimError
 from driver.inventory import AllocatableDevice, Version
 from driver.kubeletplugin.claims import Claim
+from driver.metrics import stage
 from driver.state import SharingOutcome, config_groups
 from mig.spec import MigLive
 from sharing.config import ConfigGroup
@@ -93,6 +94,34 @@ class GpuSharing:
             raise
         return SharingOutcome(records=tuple(records), edits=edits)
 
+    def check(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> None:
+        """Decode every config group and fit it to its devices, changing nothing.
+
+        The checks :meth:`apply` makes before each change, made for all groups up front: MIG
+        devices not created yet stand in with placeholder UUIDs (their memory is known).
+
+        Raises:
+            PermanentClaimError: a config is invalid or does not fit these devices.
+        """
+        groups = config_groups(claim, devices, self._driver)
+        by_name = {d.name: d for d in devices}
+        try:
+            for group in groups:
+                config = group.config
+                members = [by_name[str(r.get("device"))] for r in group.results if r.get("device") in by_name]
+                mps = None if config is None else config.mps()
+                if mps is None or not members:
+                    continue
+                uuids = [_checked_uuid(d) for d in members]
+                self._mps.check(
+                    uuids,
+                    mps,
+                    {_checked_uuid(d): int(d.capacity.get("memory", 0)) for d in members},
+                    {_checked_uuid(d): _capability(d) for d in members},
+                )
+        except SharingConfigError as exc:
+            raise PermanentClaimError(f"sharing config does not fit the allocated devices: {exc}") from exc
+
     def _apply_group(
         self,
         claim_uid: str,
@@ -112,7 +141,8 @@ class GpuSharing:
             record = {"kind": TIMESLICE, "gpus": gpus, "level": interval.level}
             if intend is not None:
                 intend(record)
-            self._timeslicer.apply(gpus, interval)
+            with stage("timeslice_set"):
+                self._timeslicer.apply(gpus, interval)
             log.info("time-slicing applied", gpus=gpus, interval=interval.interval)
             return record, {}
         mps = config.mps()
@@ -121,7 +151,8 @@ class GpuSharing:
         uuids = [_sharing_uuid(d, live) for d in members]
         memory = {_sharing_uuid(d, live): int(d.capacity.get("memory", 0)) for d in members}
         capability = {_sharing_uuid(d, live): _capability(d) for d in members}
-        daemon = self._mps.start(mps_group_id(claim_uid, uuids), uuids, mps, memory, capability)
+        with stage("mps_start"):
+            daemon = self._mps.start(mps_group_id(claim_uid, uuids), uuids, mps, memory, capability)
         device_edits = daemon.container_edits()
         return {"kind": MPS, **daemon.to_record()}, {d.name: device_edits for d in members}
 
@@ -134,9 +165,11 @@ class GpuSharing:
         for record in reversed(list(records)):
             kind = record.get("kind")
             if kind == TIMESLICE:
-                self._timeslicer.reset([str(u) for u in record.get("gpus", [])])
+                with stage("timeslice_reset"):
+                    self._timeslicer.reset([str(u) for u in record.get("gpus", [])])
             elif kind == MPS:
-                self._mps.stop(record)
+                with stage("mps_stop"):
+                    self._mps.stop(record)
             else:
                 log.warning("unknown sharing record left alone", record=dict(record), claim_uid=claim_uid)
         recorded = {r.get("groupId") for r in records if r.get("kind") == MPS}
@@ -156,6 +189,15 @@ def _sharing_uuid(device: AllocatableDevice, live: Mapping[str, MigLive]) -> str
     if created is None:
         raise PermanentClaimError(f"MIG device {device.name} has no instance to run MPS on")
     return created.mig_uuid
+
+
+def _checked_uuid(device: AllocatableDevice) -> str:
+    """The UUID MPS will address, or a stand-in for a MIG device that does not exist yet."""
+    if device.kind == "gpu":
+        return device.gpu_uuid
+    if device.mig_live is not None:
+        return device.mig_live.mig_uuid
+    return f"MIG-pending-{device.name}"
 
 
 def _capability(device: AllocatableDevice) -> tuple[int, int]:

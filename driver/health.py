@@ -15,11 +15,17 @@ Three parts:
   conditions into one :class:`Snapshot` of *every* published device - a MIG device inherits its
   parent GPU's condition - and wakes waiters when the snapshot changes.
 
-Conditions are sticky, as in NVIDIA's driver: an XID is not forgotten until the plugin restarts
-(the fake source is the exception: its file is the truth, so a test can heal a GPU).
+Each condition also names its :class:`Fault` s (a fatal or ignored XID, a lost GPU, an
+unmonitored GPU): ``driver.taints`` turns those into ResourceSlice device taints, from the same
+snapshot the stream sends, so the kubelet's view and the scheduler's agree by construction.
 
-This module does not speak gRPC (``driver.kubeletplugin.healthstream`` does), does not taint
-devices in ResourceSlices and never removes a device from publication.
+Conditions are sticky, as in NVIDIA's driver: an XID is not forgotten until the plugin restarts,
+or until ``driver.recovery`` sees the GPU recover (or an operator clears it) and the monitor calls
+the source's ``forget``. The fake source's file is the truth for what it reports (removing an
+entry heals the GPU), but a forgotten entry stays forgotten until it changes.
+
+This module does not speak gRPC (``driver.kubeletplugin.healthstream`` does), does not build
+taints or talk to the API server, and never removes a device from publication.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from driver.errors import ConfigError, DriverError
 if TYPE_CHECKING:
     from driver.inventory import AllocatableDevice
     from driver.nvml.backend import Nvml
+    from driver.recovery import ClearRequest, ClearRequests, RecoveryRules
 
 log = structlog.get_logger(__name__)
 
@@ -75,12 +82,33 @@ class Health(enum.IntEnum):
 _SEVERITY = {Health.HEALTHY: 0, Health.UNKNOWN: 1, Health.UNHEALTHY: 2}
 
 
+class FaultKind(enum.Enum):
+    """What went wrong; the value is the suffix of NVIDIA's taint key (``gpu.nvidia.com/<value>``)."""
+
+    XID = "xid"
+    GPU_LOST = "gpu-lost"
+    UNMONITORED = "unmonitored"
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One thing wrong with a GPU or MIG instance: what a device taint is made from.
+
+    ``fatal`` is False only for an XID in the ignore list (NVIDIA's taint effect None).
+    """
+
+    kind: FaultKind
+    xid: int | None = None
+    fatal: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Condition:
     """What is known about one GPU or MIG instance."""
 
     status: Health
     message: str
+    faults: frozenset[Fault] = frozenset()
 
 
 HEALTHY = Condition(Health.HEALTHY, "healthy")
@@ -95,11 +123,12 @@ class Scope(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class DeviceHealth:
-    """One published device's health as the stream reports it."""
+    """One published device's health as the stream reports it, and the faults behind it."""
 
     device: str
     status: Health
     message: str
+    faults: frozenset[Fault] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +147,13 @@ class HealthSource(Protocol):
         """Block up to ``timeout_s`` for news; return every non-default condition known now.
 
         Scopes left out are healthy. ``timeout_s`` 0 answers at once.
+        """
+        ...
+
+    def forget(self, scope: Scope, kinds: frozenset[FaultKind]) -> None:
+        """Drop the faults of these kinds at ``scope`` (the GPU recovered or an operator cleared them).
+
+        Called from the monitor's thread, between waits.
         """
         ...
 
@@ -146,18 +182,70 @@ def classify_xid(xid: int, ignored: frozenset[int] = IGNORED_XIDS, detail: str =
     """The condition an XID event leaves behind: HEALTHY (noted) for ignored XIDs, else UNHEALTHY."""
     suffix = f": {detail}" if detail else ""
     if xid in ignored:
-        return Condition(Health.HEALTHY, f"healthy; XID {xid} ignored (application error){suffix}")
+        return Condition(
+            Health.HEALTHY,
+            f"healthy; XID {xid} ignored (application error){suffix}",
+            frozenset({Fault(FaultKind.XID, xid, fatal=False)}),
+        )
     return Condition(
         Health.UNHEALTHY,
         f"XID {xid} critical error{suffix}; drain the GPU and check the node's kernel log (dmesg)",
+        frozenset({Fault(FaultKind.XID, xid)}),
     )
+
+
+def lost_condition(detail: str = "") -> Condition:
+    """A GPU that fell off the bus (or whose events name a GPU NVML cannot read)."""
+    return Condition(Health.UNHEALTHY, _lost_message(detail), frozenset({Fault(FaultKind.GPU_LOST)}))
+
+
+def unmonitored_condition(reason: str) -> Condition:
+    """A GPU whose health nobody watches: UNKNOWN, never a reason to stop scheduling."""
+    return Condition(Health.UNKNOWN, _unmonitored_message(reason), frozenset({Fault(FaultKind.UNMONITORED)}))
+
+
+def merge_faults(current: frozenset[Fault], new: frozenset[Fault]) -> frozenset[Fault]:
+    """One fault per kind (one taint per key, as NVIDIA's driver): the newer replaces the older,
+    except that an ignored XID never replaces a fatal one (sticky severity)."""
+    by_kind = {f.kind: f for f in current}
+    for fault in new:
+        old = by_kind.get(fault.kind)
+        if old is None or fault.fatal or not old.fatal:
+            by_kind[fault.kind] = fault
+    return frozenset(by_kind.values())
 
 
 def merge(current: Condition | None, new: Condition) -> Condition:
     """The condition that stands after ``new`` arrives: never downgrade severity (sticky)."""
-    if current is None or _SEVERITY[new.status] >= _SEVERITY[current.status]:
+    if current is None:
         return new
-    return current
+    faults = merge_faults(current.faults, new.faults)
+    winner = new if _SEVERITY[new.status] >= _SEVERITY[current.status] else current
+    return Condition(winner.status, winner.message, faults)
+
+
+def without(condition: Condition, kinds: frozenset[FaultKind]) -> Condition | None:
+    """``condition`` with faults of ``kinds`` dropped; None when nothing is left wrong.
+
+    What remains is re-described from the remaining faults (a cleared XID no longer says UNHEALTHY
+    when only an ignored one, or an unmonitored GPU, is left).
+    """
+    left = frozenset(f for f in condition.faults if f.kind not in kinds)
+    if left == condition.faults:
+        return condition
+    out: Condition | None = None
+    for fault in sorted(left, key=lambda f: (f.kind.value, f.xid or 0)):
+        out = merge(out, condition_of(fault))
+    return out
+
+
+def condition_of(fault: Fault, ignored: frozenset[int] = IGNORED_XIDS) -> Condition:
+    """The condition a single fault stands for (its message re-derived)."""
+    if fault.kind is FaultKind.GPU_LOST:
+        return lost_condition()
+    if fault.kind is FaultKind.UNMONITORED:
+        return unmonitored_condition("see the plugin log")
+    return classify_xid(fault.xid or 0, ignored if not fault.fatal else frozenset())
 
 
 def device_health(
@@ -176,7 +264,7 @@ def device_health(
         if scope.gi_id is None or (scope.gpu_uuid, scope.gi_id) not in live_gis:
             whole = cond
             if scope.gi_id is not None and cond.status is not Health.HEALTHY:
-                whole = Condition(cond.status, f"MIG instance GI {scope.gi_id}: {cond.message}")
+                whole = Condition(cond.status, f"MIG instance GI {scope.gi_id}: {cond.message}", cond.faults)
             per_gpu[scope.gpu_uuid] = _worst(per_gpu.get(scope.gpu_uuid), whole)
     out = []
     for d in devices:
@@ -185,14 +273,16 @@ def device_health(
             own = conditions.get(Scope(d.gpu_uuid, d.mig_live.gi_id))
             if own is not None:
                 cond = _worst(cond, own)
-        out.append(DeviceHealth(d.name, cond.status, cond.message))
+        out.append(DeviceHealth(d.name, cond.status, cond.message, cond.faults))
     return tuple(out)
 
 
 def _worst(a: Condition | None, b: Condition) -> Condition:
-    if a is None or _SEVERITY[b.status] > _SEVERITY[a.status]:
+    """The worse condition's status and message, with the faults of both."""
+    if a is None:
         return b
-    return a
+    winner = b if _SEVERITY[b.status] > _SEVERITY[a.status] else a
+    return Condition(winner.status, winner.message, merge_faults(a.faults, b.faults))
 
 
 class HealthMonitor:
@@ -205,17 +295,30 @@ class HealthMonitor:
         source: HealthSource,
         *,
         wait_s: float = 1.0,
+        recovery: RecoveryRules | None = None,
+        recovery_poll_s: float = 10.0,
+        clears: ClearRequests | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Args:
         pool: the ResourceSlice pool (the node name).
         devices: the published devices, asked on every update (the inventory may be replaced).
         source: where conditions come from.
         wait_s: the longest one source wait blocks (bounds stop latency and inventory refresh).
+        recovery: the rules that take recovered faults away (``driver.recovery``); None keeps
+            every fault until restart, as NVIDIA's driver does.
+        recovery_poll_s: how often the recovery rules read the GPUs (only GPUs with faults).
+        clears: the operator's clear requests, applied on every poll.
         """
         self.pool = pool
         self._devices = devices
         self._source = source
         self._wait_s = wait_s
+        self._recovery = recovery
+        self._recovery_poll_s = recovery_poll_s
+        self._clears = clears
+        self._clock = clock
+        self._next_recovery = 0.0
         self._cond = threading.Condition()
         self._snapshot = Snapshot(pool, device_health(devices(), {}), 0)
         self._stopped = False
@@ -227,18 +330,25 @@ class HealthMonitor:
         self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """End every waiting stream, let the current source wait finish, then release the source."""
+    def stop(self, join_s: float | None = None) -> bool:
+        """End every waiting stream, let the current source wait finish, then release the source.
+
+        ``join_s`` bounds how long to wait for that source wait (None: up to ``wait_s`` + 5 s).
+        Returns whether the monitor thread ended; if not, the source is left open - freeing an
+        NVML event set another thread waits on is undefined - which at process exit is harmless.
+        """
         with self._cond:
-            if self._stopped:
-                return
+            already = self._stopped
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(self._wait_s + 5.0)
+            self._thread.join(self._wait_s + 5.0 if join_s is None else join_s)
+            if self._thread.is_alive():
+                return False
             self._thread = None
-        # Only after the last wait: freeing an NVML event set another thread waits on is undefined.
-        self._source.close()
+        if not already:
+            self._source.close()
+        return True
 
     @property
     def stopped(self) -> bool:
@@ -276,12 +386,54 @@ class HealthMonitor:
 
     def _poll(self, timeout_s: float) -> bool:
         try:
-            conditions = self._source.wait(timeout_s)
+            conditions = dict(self._source.wait(timeout_s))
         except (DriverError, OSError, ValueError) as exc:
             log.warning("health source failed; keeping the last known health", error=str(exc))
             return False
+        if self._clears is not None:
+            for request in self._clears.take():
+                self._forget(conditions, self._clear_scopes(request, conditions), request.kinds)
+                log.info(
+                    "taints cleared by an operator",
+                    target=request.target,
+                    kinds=sorted(k.value for k in request.kinds),
+                )
+        now = self._clock()
+        if self._recovery is not None and now >= self._next_recovery:
+            self._next_recovery = now + self._recovery_poll_s
+            try:
+                recovered = self._recovery.recovered(conditions)
+            except Exception as exc:  # noqa: BLE001 - a probe bug must not stop health reporting
+                log.warning("recovery check failed; faults stay", error=str(exc))
+                recovered = {}
+            for scope, kinds in recovered.items():
+                self._forget(conditions, [scope], kinds)
         self._update(conditions)
         return True
+
+    def _clear_scopes(self, request: ClearRequest, conditions: Mapping[Scope, Condition]) -> list[Scope]:
+        """Every scope of the GPU named by a clear request (a device name or a GPU UUID)."""
+        uuids = {d.gpu_uuid for d in self._devices() if request.target in (d.name, d.gpu_uuid)}
+        if not uuids:
+            log.warning(
+                "taint clear request names no published device or GPU",
+                target=request.target,
+                fix="use a device name from `gpu-dra devices` or a GPU UUID",
+            )
+        return [s for s in conditions if s.gpu_uuid in uuids]
+
+    def _forget(
+        self, conditions: dict[Scope, Condition], scopes: Iterable[Scope], kinds: frozenset[FaultKind]
+    ) -> None:
+        for scope in scopes:
+            self._source.forget(scope, kinds)
+            left = without(conditions[scope], kinds)
+            if left is None:
+                del conditions[scope]
+            else:
+                conditions[scope] = left
+            if self._recovery is not None and FaultKind.XID in kinds:
+                self._recovery.forget([scope])
 
     def _update(self, conditions: Mapping[Scope, Condition]) -> None:
         devices = device_health(self._devices(), conditions)
@@ -301,6 +453,7 @@ class HealthMonitor:
                     health=d.status.name,
                     was=None if prev is None else prev.status.name,
                     message=d.message,
+                    faults=sorted(f"{f.kind.value}{'' if f.xid is None else f'={f.xid}'}" for f in d.faults),
                 )
 
 
@@ -312,12 +465,18 @@ class FakeHealthSource:
 
     Entry format, keyed by GPU UUID (all keys optional)::
 
-        {"xid": 79, "gi": 3, "gpuLost": false, "unmonitored": false, "message": "injected"}
+        {"xid": 79, "gi": 3, "gpuLost": false, "unmonitored": false, "message": "injected",
+         "recoveryAction": 1}
 
     ``gpuLost`` makes the GPU UNHEALTHY, ``unmonitored`` UNKNOWN, ``xid`` goes through
-    :func:`classify_xid`; ``gi`` narrows the condition to one MIG instance. Removing the entry
-    heals the GPU (unlike real XIDs).
+    :func:`classify_xid`; ``gi`` narrows the condition to one MIG instance. ``recoveryAction``
+    is what the fake NVML answers for ``NVML_FI_DEV_GET_GPU_RECOVERY_ACTION`` (see
+    ``driver.recovery``); it is not a fault itself. Removing the entry heals the GPU (unlike real
+    XIDs); a forgotten entry (recovered, or cleared by an operator) is not reported again until
+    its fault fields change.
     """
+
+    _FAULT_FIELDS = ("xid", "gi", "gpuLost", "unmonitored", "message")
 
     def __init__(
         self, state_path: Path, *, poll_s: float = 1.0, ignored: frozenset[int] = IGNORED_XIDS
@@ -326,6 +485,8 @@ class FakeHealthSource:
         self._poll_s = poll_s
         self._ignored = ignored
         self._closed = threading.Event()
+        self._entries: dict[Scope, str] = {}  # the fault fields last read, per scope
+        self._forgotten: dict[Scope, tuple[str, frozenset[FaultKind]]] = {}
 
     def wait(self, timeout_s: float) -> Mapping[Scope, Condition]:
         """Sleep up to one poll interval, then read the file."""
@@ -340,21 +501,41 @@ class FakeHealthSource:
                 "fix the file"
             )
         out: dict[Scope, Condition] = {}
+        entries: dict[Scope, str] = {}
         for uuid, entry in raw.items():
             if not isinstance(entry, dict):
                 raise ConfigError(
                     f"fake NVML state {self._path}: health entry of {uuid} must be an object; fix the file"
                 )
             scope = Scope(str(uuid), None if entry.get("gi") is None else int(entry["gi"]))
-            out[scope] = merge(out.get(scope), self._condition(entry))
+            key = repr(sorted((k, entry[k]) for k in self._FAULT_FIELDS if k in entry))
+            entries[scope] = key
+            cond: Condition | None = self._condition(entry)
+            forgotten = self._forgotten.get(scope)
+            if forgotten is not None and forgotten[0] == key and cond is not None:
+                cond = without(cond, forgotten[1])
+            if cond is not None and cond != HEALTHY:
+                out[scope] = merge(out.get(scope), cond)
+        # An entry that changed or went away is a new story: forget the forgetting.
+        self._forgotten = {s: f for s, f in self._forgotten.items() if entries.get(s) == f[0]}
+        self._entries = entries
         return out
+
+    def forget(self, scope: Scope, kinds: frozenset[FaultKind]) -> None:
+        """Stop reporting these faults at ``scope`` until its entry's fault fields change."""
+        key = self._entries.get(scope)
+        if key is None:
+            return
+        old = self._forgotten.get(scope)
+        already = old[1] if old is not None and old[0] == key else frozenset()
+        self._forgotten[scope] = (key, already | kinds)
 
     def _condition(self, entry: Mapping[str, Any]) -> Condition:
         detail = str(entry.get("message", ""))
         if entry.get("gpuLost"):
-            return Condition(Health.UNHEALTHY, _lost_message(detail))
+            return lost_condition(detail)
         if entry.get("unmonitored"):
-            return Condition(Health.UNKNOWN, _unmonitored_message(detail or "injected"))
+            return unmonitored_condition(detail or "injected")
         if entry.get("xid") is not None:
             return classify_xid(int(entry["xid"]), self._ignored, detail)
         return HEALTHY
@@ -429,7 +610,7 @@ class NvmlEventSource:
     def _unmonitored(self, uuids: Iterable[str], reason: str) -> None:
         for uuid in uuids:
             log.warning("GPU health not monitored", gpu=uuid, reason=reason)
-            self._conditions[Scope(uuid)] = Condition(Health.UNKNOWN, _unmonitored_message(reason))
+            self._conditions[Scope(uuid)] = unmonitored_condition(reason)
 
     def wait(self, timeout_s: float) -> Mapping[Scope, Condition]:
         """Wait for one event (at most ``timeout_s``) and fold it into the sticky conditions."""
@@ -479,7 +660,26 @@ class NvmlEventSource:
         log.error("GPU lost; reporting every device unhealthy", reason=reason)
         self._lost = True
         for uuid in self._uuids:
-            self._conditions[Scope(uuid)] = Condition(Health.UNHEALTHY, _lost_message(reason))
+            self._conditions[Scope(uuid)] = lost_condition(reason)
+
+    def forget(self, scope: Scope, kinds: frozenset[FaultKind]) -> None:
+        """Drop recovered or operator-cleared faults; a GPU back from "lost" is watched again."""
+        cond = self._conditions.get(scope)
+        if cond is None:
+            return
+        left = without(cond, kinds)
+        if left is None:
+            del self._conditions[scope]
+        else:
+            self._conditions[scope] = left
+        if FaultKind.GPU_LOST in kinds and self._lost:
+            still_lost = any(
+                f.kind is FaultKind.GPU_LOST for c in self._conditions.values() for f in c.faults
+            )
+            if not still_lost:
+                self._lost = False
+                if self._set is None:
+                    self._register()
 
     def close(self) -> None:
         """Free the event set (once)."""

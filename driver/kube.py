@@ -16,21 +16,37 @@ background work that must stay gentle (client-go's 5 qps, burst 10); claim GETs 
 kubelet's critical path - a kubelet syncing 64 pods sends 64 prepare calls at once, and each
 needs its claim - so they get their own, larger budget (50 qps, burst 100) instead of queueing
 behind each other for seconds.
+
+The transport keeps only what the ``kubernetes`` package does best: its ``Configuration`` (from a
+kubeconfig or the pod's service account, with the token refresh hooks) and the TLS connection
+pool its REST client builds from it (CA, client certificates, proxy, SNI). Requests go straight
+to that urllib3 pool over one keep-alive connection per concurrent caller, with JSON bodies
+encoded and decoded here. The generated ``ApiClient`` - with its pydantic models and the
+per-request serialisation passes - is not used: the daemon never needed it, and the package's
+``__init__`` pulls in the dynamic client, watch, stream, OAuth and YAML helpers, about 23 MiB
+resident and 0.3-0.8 s of import, so :func:`_import_lean` loads just the modules named above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+import importlib.util
 import json
+import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import structlog
 
-from driver.errors import ApiConflictError, ApiError, ApiNotFoundError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiConflictError, ApiError, ApiNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +55,25 @@ RESOURCE_GROUP = "resource.k8s.io"
 RESOURCE_VERSIONS = ("v1", "v1beta2", "v1beta1")
 
 JsonDict = dict[str, Any]
+
+#: The most a claim GET may take in all (discovery, version fallback and each attempt together):
+#: the kubelet gives NodePrepareResources 45 s, and the prepare itself needs time after the GET.
+CLAIM_FETCH_BUDGET_S = 15.0
+
+
+def segment(value: str) -> str:
+    """One API path segment (namespace, name), escaped so it can never add a segment or a query.
+
+    Callers validate names first (``driver.kubeletplugin.claims.check_claim_ref``); this is the
+    second wall: ``../x`` or ``a?b`` stays inside its own segment, and an empty or dot-only value
+    is refused outright.
+
+    Raises:
+        ValueError: ``value`` is empty, ``.`` or ``..``.
+    """
+    if value in ("", ".", ".."):
+        raise ValueError(f"{value!r} cannot be an API path segment (an object name or namespace)")
+    return urllib.parse.quote(value, safe="")
 
 
 class ResourceNotServedError(ApiNotFoundError):
@@ -136,11 +171,192 @@ def _watch_event(line: bytes, path: str) -> JsonDict:
     return event
 
 
+# -- transport -----------------------------------------------------------------------------------
+
+_LEAN_IMPORT_LOCK = threading.Lock()
+
+
+def _import_lean(
+    names: Sequence[str], skip_init: Sequence[str], provide: Mapping[str, Mapping[str, str]] | None = None
+) -> list[ModuleType]:
+    """Import the modules ``names`` without running the ``__init__`` of the packages ``skip_init``.
+
+    Why: ``kubernetes/__init__.py`` imports every subpackage (and ``kubernetes.config``'s and
+    ``kubernetes.utils``' do the same for theirs), so importing one module of the package costs
+    all of it. Each package in ``skip_init`` is registered, empty, for the duration of the import
+    only; afterwards it is dropped from ``sys.modules`` again, so a later ``import kubernetes``
+    anywhere in the process runs the real ``__init__`` and finds these modules already loaded.
+    ``provide`` sets names on a skipped package that its modules import from it
+    (``{"kubernetes.client": {"Configuration": "kubernetes.client.configuration"}}``).
+
+    Raises:
+        ImportError: the package layout is not the one expected (the caller falls back to a
+            plain import).
+    """
+    with _LEAN_IMPORT_LOCK:
+        placed: list[str] = []
+        try:
+            for package in skip_init:
+                if package in sys.modules:
+                    continue
+                spec = importlib.util.find_spec(package)
+                if spec is None or spec.submodule_search_locations is None:
+                    raise ImportError(f"{package} is not an importable package")
+                sys.modules[package] = importlib.util.module_from_spec(spec)
+                placed.append(package)
+            for package, attrs in (provide or {}).items():
+                if package in placed:
+                    for attr, module in attrs.items():
+                        setattr(sys.modules[package], attr, getattr(importlib.import_module(module), attr))
+            return [importlib.import_module(name) for name in names]
+        finally:
+            for package in placed:
+                sys.modules.pop(package, None)
+
+
+def _client_modules() -> tuple[Any, Any]:
+    """``kubernetes.client.configuration`` and ``kubernetes.client.rest``, without the rest of the package."""
+    try:
+        configuration, rest = _import_lean(
+            ["kubernetes.client.configuration", "kubernetes.client.rest"],
+            skip_init=["kubernetes", "kubernetes.client", "kubernetes.utils"],
+        )
+    except ImportError as exc:
+        log.debug("lean import of the kubernetes client failed, importing all of it", error=str(exc))
+        from kubernetes.client import configuration, rest
+    return configuration, rest
+
+
+def load_configuration(kubeconfig: Path | None) -> Any:
+    """A ``kubernetes.client.Configuration`` from ``kubeconfig``, or the pod's service account when None.
+
+    Raises:
+        ApiError: the credentials cannot be loaded; the message says what to fix.
+    """
+    configuration_module, _ = _client_modules()
+    configuration = configuration_module.Configuration()
+    try:
+        if kubeconfig is None:
+            try:
+                (incluster,) = _import_lean(
+                    ["kubernetes.config.incluster_config"],
+                    skip_init=["kubernetes", "kubernetes.client", "kubernetes.config"],
+                    provide={"kubernetes.client": {"Configuration": "kubernetes.client.configuration"}},
+                )
+            except ImportError:
+                from kubernetes.config import incluster_config as incluster
+            incluster.load_incluster_config(client_configuration=configuration)
+        else:
+            # The kubeconfig loader needs the YAML, OAuth and exec-plugin code; only the
+            # package-wide __init__ imports (dynamic client, watch, stream, ...) are skipped.
+            try:
+                (kube_config,) = _import_lean(
+                    ["kubernetes.config.kube_config"], skip_init=["kubernetes", "kubernetes.config"]
+                )
+            except ImportError:
+                from kubernetes.config import kube_config
+            kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    except Exception as exc:
+        where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
+        raise ApiError(
+            f"cannot load Kubernetes credentials from {where}: {exc}; "
+            "pass --kubeconfig with a readable file, or run in a pod with a service account",
+            reason="ConfigInvalid",
+        ) from exc
+    # urllib3 would otherwise retry a timed-out GET three more times on its own (four 10 s
+    # attempts against a hung server): callers own the retry policy (see the module docstring).
+    configuration.retries = 0
+    return configuration
+
+
+class Transport(Protocol):
+    """Sends one HTTP request to the API server and returns the urllib3-style response."""
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] | None,
+        body: bytes | None,
+        timeout: float | tuple[float, float],
+        stream: bool,
+    ) -> Any:
+        """Return a response with ``status`` and ``data`` (the body, read on first access); a
+        ``stream`` one also has ``stream()``, ``shutdown()`` and ``release_conn()``.
+
+        Raises on transport failures (no connection, TLS).
+        """
+        ...
+
+
+class RestTransport:
+    """Requests over the TLS connection pool the kubernetes client builds from a ``Configuration``.
+
+    The pool keeps connections alive, so sequential claim GETs reuse one TLS session; parallel
+    ones open at most ``configuration.connection_pool_maxsize`` connections, kept for reuse.
+    The bearer token is read through ``Configuration.auth_settings()`` on every request, which
+    runs the refresh hook of rotating service-account tokens and exec-plugin credentials.
+    """
+
+    def __init__(self, configuration: Any, user_agent: str = "gpu-dra") -> None:
+        _, rest = _client_modules()
+        import urllib3
+
+        self._urllib3 = urllib3
+        self._configuration = configuration
+        self._pool = rest.RESTClientObject(configuration).pool_manager
+        self._host = str(configuration.host).rstrip("/")
+        self._user_agent = user_agent
+        # One server: requests go straight to its connection pool, skipping the manager's URL
+        # parsing and pool lookup on every request; through a proxy the manager addresses it.
+        self._direct: Any = None
+        if not isinstance(self._pool, urllib3.ProxyManager):
+            with contextlib.suppress(urllib3.exceptions.LocationValueError):  # no server: send() says so
+                self._direct = self._pool.connection_from_url(self._host)
+        self._prefix = urllib3.util.parse_url(self._host).path or ""
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] | None,
+        body: bytes | None,
+        timeout: float | tuple[float, float],
+        stream: bool,
+    ) -> Any:
+        headers = {"Accept": "application/json", "User-Agent": self._user_agent}
+        for auth in self._configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"])] = str(auth["value"])
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        limit = (
+            self._urllib3.Timeout(connect=timeout[0], read=timeout[1])
+            if isinstance(timeout, tuple)
+            else self._urllib3.Timeout(total=timeout)
+        )
+        pool, url = (
+            (self._direct, self._prefix + target)
+            if self._direct is not None
+            else (self._pool, self._host + target)
+        )
+        return pool.urlopen(
+            method, url, body=body, headers=headers, timeout=limit, preload_content=not stream, redirect=False
+        )
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._pool.clear()
+
+
 class Kube:
-    """Typed calls the driver makes, over one :class:`kubernetes.client.ApiClient`.
+    """Typed calls the driver makes, over one :class:`Transport` (normally :class:`RestTransport`).
 
     Args:
-        api_client: a configured ``kubernetes.client.ApiClient``.
+        transport: sends the requests (``RestTransport(load_configuration(...))``).
         request_timeout_s: total timeout of each non-watch request.
         qps, burst: client-side rate limit of every call except claim GETs.
         claim_qps, claim_burst: the separate rate limit of :meth:`get_resource_claim`.
@@ -148,7 +364,7 @@ class Kube:
 
     def __init__(
         self,
-        api_client: Any,
+        transport: Transport,
         request_timeout_s: float = 10.0,
         qps: float = 5.0,
         burst: int = 10,
@@ -156,7 +372,7 @@ class Kube:
         claim_qps: float = 50.0,
         claim_burst: int = 100,
     ) -> None:
-        self._client = api_client
+        self._transport = transport
         self._timeout = request_timeout_s
         self._limiter = RateLimiter(qps, burst)
         self._claim_limiter = RateLimiter(claim_qps, claim_burst)
@@ -166,24 +382,7 @@ class Kube:
     @classmethod
     def from_config(cls, kubeconfig: Path | None, request_timeout_s: float = 10.0) -> Kube:
         """A client from a kubeconfig file, or the pod's service account when ``kubeconfig`` is None."""
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        try:
-            if kubeconfig is None:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            else:
-                config.load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=str(kubeconfig), client_configuration=configuration
-                )
-        except Exception as exc:
-            where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
-            raise ApiError(
-                f"cannot load Kubernetes credentials from {where}: {exc}; "
-                "pass --kubeconfig with a readable file, or run in a pod with a service account",
-                reason="ConfigInvalid",
-            ) from exc
-        return cls(client.ApiClient(configuration), request_timeout_s=request_timeout_s)
+        return cls(RestTransport(load_configuration(kubeconfig)), request_timeout_s=request_timeout_s)
 
     # -- raw requests ---------------------------------------------------------------------------
 
@@ -194,13 +393,26 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: JsonDict | None = None,
         limiter: RateLimiter | None = None,
+        *,
+        deadline: float | None = None,
     ) -> JsonDict:
+        timeout = self._timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise ApiError(
+                    f"{method} {path} not sent: the call's time budget is spent; the API server is slow "
+                    "or unreachable",
+                    reason="Timeout",
+                )
         response = self._send(
-            method, path, query=query, body=body, timeout=self._timeout, stream=False, limiter=limiter
+            method, path, query=query, body=body, timeout=timeout, stream=False, limiter=limiter
         )
-        data = response.read()
+        data = response.data
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = boundedjson.loads(data) if data else {}
+        except boundedjson.JsonTooDeepError as exc:
+            raise ApiBodyError(f"{method} {path} returned {exc}", reason="TooDeep") from exc
         except ValueError as exc:
             raise ApiError(f"{method} {path} returned a body that is not JSON: {data[:200]!r}") from exc
         if not isinstance(decoded, dict):
@@ -219,20 +431,10 @@ class Kube:
         limiter: RateLimiter | None = None,
     ) -> Any:
         (limiter or self._limiter).acquire()
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         try:
-            method, url, headers_out, body_out, post = self._client.param_serialize(
-                method=method,
-                resource_path=path,
-                query_params=query or None,
-                header_params=headers,
-                body=body,
-                auth_settings=["BearerToken"],
-            )
-            response = self._client.call_api(
-                method, url, headers_out, body_out, post, _request_timeout=timeout
+            response = self._transport.send(
+                method, path, query=query, body=payload, timeout=timeout, stream=stream
             )
         except ApiError:
             raise
@@ -243,9 +445,7 @@ class Kube:
                 reason="Unavailable",
             ) from exc
         if not 200 <= response.status <= 299:
-            raise _status_error(method, path, response.status, response.read())
-        if stream:
-            return response.response
+            raise _status_error(method, path, response.status, response.data)
         return response
 
     # -- discovery ------------------------------------------------------------------------------
@@ -262,16 +462,16 @@ class Kube:
             ) from exc
         return major, minor
 
-    def resource_api_version(self) -> str:
+    def resource_api_version(self, deadline: float | None = None) -> str:
         """The newest resource.k8s.io version the server serves (v1, v1beta2 or v1beta1); cached."""
         with self._version_lock:
             if self._resource_version is None:
-                self._resource_version = self._discover_resource_version()
+                self._resource_version = self._discover_resource_version(deadline)
             return self._resource_version
 
-    def _discover_resource_version(self) -> str:
+    def _discover_resource_version(self, deadline: float | None = None) -> str:
         try:
-            group = self._request("GET", f"/apis/{RESOURCE_GROUP}")
+            group = self._request("GET", f"/apis/{RESOURCE_GROUP}", deadline=deadline)
         except ApiNotFoundError as exc:
             raise ApiNotFoundError(
                 f"the API server does not serve {RESOURCE_GROUP}; enable Dynamic Resource Allocation "
@@ -301,6 +501,8 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body_for: Any = None,
         limiter: RateLimiter | None = None,
+        *,
+        deadline: float | None = None,
     ) -> tuple[str, JsonDict]:
         """Call ``/apis/resource.k8s.io/<version>/<subpath>`` on the served version.
 
@@ -309,11 +511,11 @@ class Kube:
         once and retry on the version the server serves now.
         """
         for attempt in range(2):
-            version = self.resource_api_version()
+            version = self.resource_api_version(deadline)
             body = body_for(version) if body_for is not None else None
             path = f"/apis/{RESOURCE_GROUP}/{version}/{subpath}"
             try:
-                return version, self._request(method, path, query, body, limiter)
+                return version, self._request(method, path, query, body, limiter, deadline=deadline)
             except ApiNotFoundError as exc:
                 if attempt == 0 and isinstance(exc, ResourceNotServedError):
                     self._forget_resource_version()
@@ -323,12 +525,23 @@ class Kube:
 
     # -- claims and nodes -----------------------------------------------------------------------
 
-    def get_resource_claim(self, namespace: str, name: str) -> JsonDict:
-        """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it."""
+    def get_resource_claim(
+        self, namespace: str, name: str, budget_s: float = CLAIM_FETCH_BUDGET_S
+    ) -> JsonDict:
+        """The ResourceClaim, normalised to the resource.k8s.io/v1 shape whatever version served it.
+
+        Everything this takes (version discovery, the fallback, each attempt) fits in ``budget_s``:
+        each attempt's timeout is what is left of it, so a hung API server yields an
+        :class:`ApiError` in time for the caller to answer the kubelet with a temporary error
+        instead of running into the kubelet's deadline.
+        """
         version, claim = self._resource_call(
-            "GET", f"namespaces/{namespace}/resourceclaims/{name}", limiter=self._claim_limiter
+            "GET",
+            f"namespaces/{segment(namespace)}/resourceclaims/{segment(name)}",
+            limiter=self._claim_limiter,
+            deadline=time.monotonic() + budget_s,
         )
-        return normalise_claim(claim, version)
+        return normalise_claim(claim, version, in_place=True)
 
     def list_resource_claims(self) -> list[JsonDict]:
         """Every ResourceClaim in every namespace, in the v1 shape (debug tools: who holds what).
@@ -337,11 +550,11 @@ class Kube:
         403 as "unknown", not as "none".
         """
         version, listed = self._resource_call("GET", "resourceclaims")
-        return [normalise_claim(item, version) for item in listed.get("items") or []]
+        return [normalise_claim(item, version, in_place=True) for item in listed.get("items") or []]
 
     def get_device_class(self, name: str) -> JsonDict:
         """The DeviceClass ``name`` (its ``spec.selectors`` read the same in v1, v1beta2, v1beta1)."""
-        version, device_class = self._resource_call("GET", f"deviceclasses/{name}")
+        version, device_class = self._resource_call("GET", f"deviceclasses/{segment(name)}")
         device_class["apiVersion"] = f"{RESOURCE_GROUP}/v1"
         device_class.setdefault("kind", "DeviceClass")
         log.debug("device class read", name=name, served_as=version)
@@ -349,7 +562,7 @@ class Kube:
 
     def get_node(self, name: str) -> JsonDict:
         """The Node object (``metadata.uid`` is what slice owner references need)."""
-        return self._request("GET", f"/api/v1/nodes/{name}")
+        return self._request("GET", f"/api/v1/nodes/{segment(name)}")
 
     # -- resource slices ------------------------------------------------------------------------
 
@@ -364,7 +577,7 @@ class Kube:
     def list_slices_at(self, driver: str, node: str) -> tuple[list[JsonDict], str]:
         """Like :meth:`list_slices`, plus the list's resourceVersion to start a watch from."""
         version, listed = self._resource_call("GET", "resourceslices", self._slice_selector(driver, node))
-        items = [slice_from_version(item, version) for item in listed.get("items") or []]
+        items = [slice_from_version(item, version, in_place=True) for item in listed.get("items") or []]
         return items, str((listed.get("metadata") or {}).get("resourceVersion") or "")
 
     def create_slice(self, resource_slice: JsonDict, *, dry_run: bool = False) -> JsonDict:
@@ -379,15 +592,15 @@ class Kube:
             [("dryRun", "All")] if dry_run else None,
             body_for=lambda v: slice_to_version(resource_slice, v),
         )
-        return slice_from_version(stored, version)
+        return slice_from_version(stored, version, in_place=True)
 
     def update_slice(self, resource_slice: JsonDict) -> JsonDict:
         """Replace a slice; its ``metadata.resourceVersion`` makes it a compare-and-swap (409 on races)."""
         name = str(resource_slice["metadata"]["name"])
         version, stored = self._resource_call(
-            "PUT", f"resourceslices/{name}", body_for=lambda v: slice_to_version(resource_slice, v)
+            "PUT", f"resourceslices/{segment(name)}", body_for=lambda v: slice_to_version(resource_slice, v)
         )
-        return slice_from_version(stored, version)
+        return slice_from_version(stored, version, in_place=True)
 
     def delete_slice(self, name: str, uid: str, resource_version: str) -> None:
         """Delete a slice only if it is still the object we saw (uid + resourceVersion preconditions)."""
@@ -395,7 +608,7 @@ class Kube:
         if resource_version:
             preconditions["resourceVersion"] = resource_version
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": preconditions}
-        self._resource_call("DELETE", f"resourceslices/{name}", body_for=lambda _v: body)
+        self._resource_call("DELETE", f"resourceslices/{segment(name)}", body_for=lambda _v: body)
 
     def watch_slices(
         self, driver: str, node: str, resource_version: str = "", timeout_s: int = 300
@@ -490,9 +703,9 @@ def slice_to_version(resource_slice: JsonDict, version: str) -> JsonDict:
     return out
 
 
-def slice_from_version(resource_slice: JsonDict, version: str) -> JsonDict:
-    """A slice read at ``version``, in the v1 shape."""
-    out = copy.deepcopy(resource_slice)
+def slice_from_version(resource_slice: JsonDict, version: str, *, in_place: bool = False) -> JsonDict:
+    """A slice read at ``version``, in the v1 shape (``in_place``: reshape the given dict itself)."""
+    out = resource_slice if in_place else copy.deepcopy(resource_slice)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceSlice")
     if version == "v1beta1":
@@ -505,18 +718,25 @@ def slice_from_version(resource_slice: JsonDict, version: str) -> JsonDict:
     return out
 
 
-def normalise_claim(claim: JsonDict, version: str) -> JsonDict:
+def normalise_claim(claim: JsonDict, version: str, *, in_place: bool = False) -> JsonDict:
     """A ResourceClaim read at ``version``, in the v1 shape.
 
     The fields the driver reads (``metadata.uid``, ``status.allocation.devices.results`` and
     ``.config``) are the same in all three versions; v1beta1 requests carry the exact-request
-    fields flat instead of under ``exactly``, which is rewrapped here.
+    fields flat instead of under ``exactly``, which is rewrapped here. ``in_place`` reshapes the
+    given dict itself (a response just decoded: copying it would be the GET's costliest step).
     """
-    out = copy.deepcopy(claim)
+    # Otherwise shallow copies of what is rewritten: a deep copy would recurse through
+    # user-written opaque parameters of any depth.
+    out = claim if in_place else dict(claim)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceClaim")
     if version == "v1beta1":
-        devices = (out.get("spec") or {}).get("devices") or {}
+        spec = dict(out.get("spec") or {})
+        devices = dict(spec.get("devices") or {})
+        if "spec" in out:
+            spec["devices"] = devices
+            out["spec"] = spec
         requests = []
         for request in devices.get("requests") or []:
             if "firstAvailable" in request or "exactly" in request:

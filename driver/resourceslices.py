@@ -134,8 +134,11 @@ def _capacity(device: AllocatableDevice, name: str) -> JsonDict:
     return out
 
 
-def encode_device(device: AllocatableDevice) -> JsonDict:
-    """One ``spec.devices[]`` entry; empty maps are left out as the server would leave them out."""
+def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> JsonDict:
+    """One ``spec.devices[]`` entry; empty maps are left out as the server would leave them out.
+
+    ``taints`` are :class:`driver.taints.DeviceTaint` values (anything with ``to_dict``).
+    """
     out: JsonDict = {"name": device.name}
     if device.attributes:
         out["attributes"] = {k: encode_attribute(device.attributes[k]) for k in sorted(device.attributes)}
@@ -147,6 +150,8 @@ def encode_device(device: AllocatableDevice) -> JsonDict:
         out["consumesCounters"] = [
             {"counterSet": c.counter_set, "counters": _counters(c.counters)} for c in device.consumes_counters
         ]
+    if taints:
+        out["taints"] = [t.to_dict() for t in taints]
     return out
 
 
@@ -180,10 +185,14 @@ def _gpu_order(devices: Iterable[AllocatableDevice]) -> list[str]:
     return sorted(keys, key=lambda uuid: keys[uuid])
 
 
-def _layout(inventory: Inventory, server_minor: int) -> list[_SliceContent]:
+def _layout(inventory: Inventory, server_minor: int, taintable: bool = False) -> list[_SliceContent]:
+    # Taints may come and go with health; with taintable the layout uses the lower device limit
+    # from the start, so a taint never reshuffles the pool (>= 1.35 counts taints in that rule).
+    small = taintable and server_minor >= SPLIT_LAYOUT_MIN_MINOR
     by_name = sorted(inventory.devices, key=lambda d: natural_key(d.name))
     if not inventory.counter_sets:
-        return [_SliceContent(devices=tuple(chunk)) for chunk in _chunks(by_name, MAX_DEVICES_PER_SLICE)]
+        limit = MAX_DEVICES_PER_SLICE_WITH_COUNTERS if small else MAX_DEVICES_PER_SLICE
+        return [_SliceContent(devices=tuple(chunk)) for chunk in _chunks(by_name, limit)]
 
     per_gpu: dict[str, list[AllocatableDevice]] = {}
     for device in by_name:
@@ -199,7 +208,7 @@ def _layout(inventory: Inventory, server_minor: int) -> list[_SliceContent]:
             devices = per_gpu[uuid]
             limit = (
                 MAX_DEVICES_PER_SLICE_WITH_COUNTERS
-                if any(d.consumes_counters for d in devices)
+                if small or any(d.consumes_counters for d in devices)
                 else MAX_DEVICES_PER_SLICE
             )
             contents.extend(_SliceContent(devices=tuple(chunk)) for chunk in _chunks(devices, limit))
@@ -234,6 +243,8 @@ def build_slices(
     server_minor: int,
     *,
     pool_generation: int = 0,
+    taints: Mapping[str, Sequence[Any]] | None = None,
+    taintable: bool = False,
 ) -> list[JsonDict]:
     """The ResourceSlice objects (resource.k8s.io/v1, dicts) that publish ``inventory`` for one node.
 
@@ -241,9 +252,12 @@ def build_slices(
     per slice. With counter sets: on ``server_minor`` >= 35 counters-only slice(s) (8 sets each)
     and then each GPU's devices (PCI bus order, 64 per slice); before 1.35 one slice per GPU with
     its counter set and devices. ``node_uid`` "" leaves the owner reference out (for checks
-    before the Node is known). Slices are not validated here: see :func:`validate_pool`.
+    before the Node is known). ``taints`` maps device names to their taints; ``taintable`` says
+    taints may appear (the layout then keeps to the taint limit from the start). Slices are not
+    validated here: see :func:`validate_pool`.
     """
-    contents = _layout(inventory, server_minor)
+    contents = _layout(inventory, server_minor, taintable or bool(taints))
+    taints = taints or {}
     count = len(contents)
     slices = []
     for index, content in enumerate(contents):
@@ -255,7 +269,7 @@ def build_slices(
         if content.counter_sets:
             spec["sharedCounters"] = [encode_counter_set(cs) for cs in content.counter_sets]
         if content.devices:
-            spec["devices"] = [encode_device(d) for d in content.devices]
+            spec["devices"] = [encode_device(d, taints.get(d.name, ())) for d in content.devices]
         metadata: JsonDict = {"generateName": generate_name(index, count, driver, node_name)}
         if node_uid:
             metadata["ownerReferences"] = [
@@ -867,6 +881,25 @@ def _with_generation(resource_slice: JsonDict, generation: int) -> JsonDict:
     return out
 
 
+def keep_time_added(stored: Mapping[str, Any], body: JsonDict) -> None:
+    """Copy ``timeAdded`` of taints that stay (same device, key, value, effect) into ``body``.
+
+    The API server stamps a taint sent without it; re-sending a slice must not make an old taint
+    look new (tolerationSeconds count from it), as the Go helper preserves it too.
+    """
+    times: dict[tuple[str, str, str, str], str] = {}
+    for device in (stored.get("spec") or {}).get("devices") or []:
+        for taint in device.get("taints") or []:
+            if taint.get("timeAdded"):
+                key = (device["name"], taint.get("key", ""), taint.get("value", ""), taint.get("effect", ""))
+                times[key] = taint["timeAdded"]
+    for device in body["spec"].get("devices") or []:
+        for taint in device.get("taints") or []:
+            key = (device["name"], taint.get("key", ""), taint.get("value", ""), taint.get("effect", ""))
+            if key in times and not taint.get("timeAdded"):
+                taint["timeAdded"] = times[key]
+
+
 # -- pool sync plan ------------------------------------------------------------------------------
 
 
@@ -974,6 +1007,17 @@ class SliceApi(Protocol):
     ) -> SliceWatchHandle: ...
 
 
+#: Longest wait between two attempts of a failing sync or watch. Short on purpose: after an API
+#: server outage the node's slices (deleted meanwhile by whoever cleans up) come back within a few
+#: seconds of the server; the client-side rate limit keeps the retries gentle.
+BACKOFF_MAX_S = 5.0
+
+
+def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """The wait before retry number ``failures`` (1 = after the first failure), without jitter."""
+    return min(max_s, initial_s * float(2 ** min(failures - 1, 62)))
+
+
 class SlicePublisher:
     """Keeps this node's pool of ResourceSlices equal to the inventory, in a background thread.
 
@@ -985,6 +1029,10 @@ class SlicePublisher:
         on_dropped_fields: called once per newly seen set of fields the server dropped from what
             we wrote (partitionable fields on a server without the gate), with the field paths.
         backoff_initial_s, backoff_max_s: retry spacing after a failed sync (doubling, jittered).
+        taintable: device taints may be published (:meth:`set_taints`); the layout keeps to the
+            taint limit of 64 devices per slice from the start.
+        on_sync: called after every sync attempt that wrote or tried to write, with its error
+            (None on success); for metrics.
     """
 
     def __init__(
@@ -996,10 +1044,15 @@ class SlicePublisher:
         resync_delay_s: float = 1.0,
         on_dropped_fields: Callable[[tuple[str, ...]], None] | None = None,
         backoff_initial_s: float = 0.5,
-        backoff_max_s: float = 60.0,
+        backoff_max_s: float = BACKOFF_MAX_S,
         watch_timeout_s: int = 300,
+        taintable: bool = False,
+        on_sync: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._kube = kube
+        self._taintable = taintable
+        self._taints: Mapping[str, Sequence[Any]] = {}
+        self._on_sync = on_sync
         self._node = node_name
         self._driver = driver_name
         self._resync_delay = resync_delay_s
@@ -1062,6 +1115,21 @@ class SlicePublisher:
             self._not_before = 0.0
             self._cond.notify_all()
 
+    def set_taints(self, taints: Mapping[str, Sequence[Any]]) -> None:
+        """Publish these device taints (device name -> taints; all of them, not a delta).
+
+        A failed write is retried with backoff like any other sync; taints of devices that are
+        not (or no longer) published are ignored.
+        """
+        with self._cond:
+            if dict(taints) == dict(self._taints):
+                return
+            self._taints = dict(taints)
+            self._inventory_version += 1
+            self._due = time.monotonic()
+            self._not_before = 0.0
+            self._cond.notify_all()
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the background threads. Published slices stay (the kubelet wipes them if we stay away)."""
         with self._cond:
@@ -1105,7 +1173,9 @@ class SlicePublisher:
                 "pool and hide every GPU from the scheduler; retry discovery (is NVML ready?)"
             )
         minor = self._server_minor if self._server_minor is not None else NEWEST_KNOWN_MINOR
-        validate_pool(build_slices(inventory, self._node, self._driver, "", minor), minor)
+        validate_pool(
+            build_slices(inventory, self._node, self._driver, "", minor, taintable=self._taintable), minor
+        )
 
     # -- sync thread --------------------------------------------------------------------------
 
@@ -1126,22 +1196,24 @@ class SlicePublisher:
                 self._running = True
                 inventory = self._inventory
                 version = self._inventory_version
+                taints = self._taints
             ok = False
+            error: Exception | None = None
             try:
-                self._sync(inventory)
+                self._sync(inventory, taints)
                 ok = True
             except SliceValidationError as exc:
                 # Retrying cannot fix a broken inventory: wait for update().
-                self._last_error = exc
+                self._last_error = error = exc
                 log.error(  # noqa: TRY400 - the message says it all; no traceback needed
                     "resource slices not published: inventory breaks an API limit",
                     node=self._node,
                     error=str(exc),
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is retried with backoff
-                self._last_error = exc
+                self._last_error = error = exc
                 self._failures += 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** (self._failures - 1))
+                delay = backoff_delay(self._failures, self._backoff_initial, self._backoff_max)
                 delay *= 1 + random.uniform(0, 0.2)  # noqa: S311 - jitter, not security
                 log.warning(
                     "resource slice sync failed",
@@ -1162,8 +1234,13 @@ class SlicePublisher:
                     self._not_before = 0.0
                     self._synced_version = version
                 self._cond.notify_all()
+            if self._on_sync is not None:
+                try:
+                    self._on_sync(error)
+                except Exception:  # an observer must not stop publishing
+                    log.exception("on_sync callback failed")
 
-    def _sync(self, inventory: Inventory | None) -> None:
+    def _sync(self, inventory: Inventory | None, taints: Mapping[str, Sequence[Any]] | None = None) -> None:
         if inventory is None:
             raise DriverError("SlicePublisher has no inventory; call start(inventory) first")
         if self._server_minor is None:
@@ -1185,7 +1262,15 @@ class SlicePublisher:
             log.info("node uid", node=self._node, uid=node_uid)
             self._node_uid = node_uid
         minor = self._server_minor
-        desired = build_slices(inventory, self._node, self._driver, self._node_uid, minor)
+        desired = build_slices(
+            inventory,
+            self._node,
+            self._driver,
+            self._node_uid,
+            minor,
+            taints=taints,
+            taintable=self._taintable,
+        )
         validate_pool(desired, minor)
         probe = inventory.counter_sets or any(d.allow_multiple_allocations for d in inventory.devices)
         if probe and self._drops_partitionable_fields(desired):
@@ -1210,6 +1295,7 @@ class SlicePublisher:
             body["spec"] = copy.deepcopy(wanted["spec"])
             body["metadata"]["ownerReferences"] = wanted["metadata"].get("ownerReferences", [])
             body["metadata"].pop("managedFields", None)
+            keep_time_added(existing, body)
             self._api_writes += 1
             result = self._kube.update_slice(body)
             self._remember_write(wanted, result)
@@ -1370,7 +1456,7 @@ class SlicePublisher:
                     if self._stopping:
                         return
                 failures += 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** (failures - 1))
+                delay = backoff_delay(failures, self._backoff_initial, self._backoff_max)
                 log.warning(
                     "resource slice watch failed",
                     node=self._node,

@@ -38,6 +38,7 @@ from driver.debug.explain import (
     NodeDevices,
     classes_from_objects,
     explain,
+    load_cel,
     node_from_slices,
     parse_claim,
 )
@@ -321,6 +322,7 @@ def _explanation_text(exp: Explanation, node_label: str, extra: Mapping[str, Any
 
 
 def run_explain(args: argparse.Namespace, out: TextIO) -> int:
+    load_cel()  # before any file or API server is read: without the [cel] extra nothing can be answered
     cfg = _config(args)
     claim_obj = _read_claim(args)
     claim = parse_claim(claim_obj)
@@ -370,9 +372,13 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
         view = _checkpoint(args)
         inventory = _local_inventory(args, view)
     holdings = nodestate.device_holdings(inventory, view.claims if view else {})
+    from driver.debug.taints import device_status, taint_text
+
+    health = {} if args.topology else (device_status(_config(args).state_dir) or {})
     data: list[JsonDict] = []
     for d in inventory.devices:
         h = holdings[d.name]
+        own = health.get(d.name) or {}
         data.append(
             {
                 "name": d.name,
@@ -385,6 +391,9 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
                 "heldBy": None if h.held_by is None else nodestate.claim_ref(h.held_by),
                 "heldByUid": None if h.held_by is None else h.held_by.uid,
                 "blockedBy": [nodestate.claim_ref(c) for c in h.blocked_by],
+                "health": own.get("health", "-" if args.topology else "UNKNOWN"),
+                "healthMessage": own.get("message"),
+                "taints": own.get("taints") or [],
             }
         )
     rows = [
@@ -394,10 +403,12 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
             d["attributes"].get("productName", "-"),
             d["attributes"].get("profile", "-"),
             d["heldBy"] or (f"blocked by {', '.join(d['blockedBy'])}" if d["blockedBy"] else "free"),
+            d["health"],
+            taint_text(d["taints"]),
         )
         for d in data
     ]
-    text = render.table(("DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD BY"), rows)
+    text = render.table(("DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD BY", "HEALTH", "TAINTS"), rows)
     problems = [view.problem] if view is not None and view.problem else []
     for warning in [*inventory.warnings, *problems]:
         text += f"\nwarning: {warning}"
@@ -897,6 +908,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("show", nargs="*", metavar="[show] CLAIM", help="claim whose spec to show")
     _common(p)
     p.set_defaults(func=_wrap(_shown(run_cdi)))
+
+    from driver.debug import taints
+
+    taints.register(subparsers, _common, _wrap)
 
     for name, handler, helptext in (
         ("doctor", run_doctor, "checklist of the node plugin's health"),

@@ -117,6 +117,12 @@ class Doctor:
                 self.published,
             ),
             run_check(
+                "GPUs healthy and untainted",
+                "see `gpu-dra taints`; an XID taint goes when the GPU's recovery (reset) is done, "
+                "or by `gpu-dra taints clear DEVICE` once the GPU is known good",
+                self.device_health,
+            ),
+            run_check(
                 "MPS daemons of prepared claims answer",
                 "a daemon died: delete the claim's pods so the claim is unprepared and prepared again; "
                 "see the daemon's log dir (<mps root>/<group>/log)",
@@ -125,6 +131,26 @@ class Doctor:
         ]
 
     # -- the checks -------------------------------------------------------------------------------
+
+    def device_health(self) -> str:
+        from driver.debug.taints import device_status, taint_text
+
+        devices = device_status(self.cfg.state_dir)
+        if devices is None:
+            raise CheckFailedError(
+                f"no health status file in {self.cfg.state_dir}: the plugin is not running (it writes "
+                "one at start)"
+            )
+        bad = {n: d for n, d in devices.items() if d.get("taints") or d.get("health") == "UNHEALTHY"}
+        if bad:
+            raise CheckFailedError(
+                "; ".join(
+                    f"{n}: {d.get('health')} {taint_text(d.get('taints'))}" for n, d in sorted(bad.items())
+                )
+            )
+        unknown = sorted(n for n, d in devices.items() if d.get("health") == "UNKNOWN")
+        note = f" ({len(unknown)} not monitored)" if unknown else ""
+        return f"{len(devices)} device(s) healthy, none tainted{note}"
 
     def nvml(self, view: nodestate.CheckpointView) -> str:
         inventory = nodestate.local_inventory(self.cfg, view.claims.values())

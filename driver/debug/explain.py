@@ -19,13 +19,43 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from driver.debug.cel import Outcome, compile_selector, device_activation
+from driver.errors import DriverError
 from driver.inventory import Version
 from driver.resourceslices import parse_quantity
 
+if TYPE_CHECKING:
+    from driver.debug.cel import Outcome
+
 JsonDict = dict[str, Any]
+
+
+class CelMissingError(DriverError):
+    """cel-python, the ``[cel]`` extra, is not installed, so selectors cannot be evaluated."""
+
+
+@cache
+def load_cel() -> ModuleType:
+    """The CEL evaluator (:mod:`driver.debug.cel`), imported on first use.
+
+    cel-python is the optional ``[cel]`` extra: the plugin's image installs the wheel without it,
+    and ``gpu-dra plugin`` / ``probe`` / ``doctor`` must start there, so only explain and simulate
+    may need it.
+    """
+    try:
+        from driver.debug import cel as module
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "celpy":
+            raise
+        raise CelMissingError(
+            "explain and simulate evaluate CEL with cel-python, which is not installed here: "
+            "pip install 'gpu-dra[cel]'"
+        ) from exc
+    return module
+
 
 #: The DeviceClasses the Helm chart installs (same names and selectors as NVIDIA's chart).
 BUILTIN_CLASSES: Mapping[str, tuple[str, ...]] = {
@@ -354,14 +384,14 @@ class _Evaluator:
                 continue
             if act is None:
                 try:
-                    act = device_activation(device.driver, device.attributes, device.capacity)
+                    act = load_cel().device_activation(device.driver, device.attributes, device.capacity)
                 except (ValueError, TypeError) as exc:
-                    outcome = Outcome(False, f"device attributes unusable: {exc}")
+                    outcome = load_cel().Outcome(False, f"device attributes unusable: {exc}")
                     clauses.append(Clause(source, expr, outcome))
                     matched, error = False, outcome.error
                     continue
                 self.activations[device.key] = act
-            outcome = compile_selector(expr).evaluate(act)
+            outcome = load_cel().compile_selector(expr).evaluate(act)
             clauses.append(Clause(source, expr, outcome))
             if outcome.error:
                 matched, error = False, f"{source}: {outcome.error}"
@@ -554,13 +584,13 @@ def explain(
             for i, expr in enumerate(alt.selectors):
                 rejections.extend(
                     Rejection(f"request {alt.name} selector #{i}", expr, issue.message, issue.fix)
-                    for issue in compile_selector(expr).issues
+                    for issue in load_cel().compile_selector(expr).issues
                 )
     for name in sorted({a.class_name for r in claim.requests for a in r.alternatives}):
         for i, expr in enumerate(classes.get(name, ())):
             rejections.extend(
                 Rejection(f"DeviceClass {name} selector #{i}", expr, issue.message, issue.fix)
-                for issue in compile_selector(expr).issues
+                for issue in load_cel().compile_selector(expr).issues
             )
     evaluator = _Evaluator(classes)
     results = []

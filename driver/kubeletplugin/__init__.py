@@ -10,6 +10,7 @@ Nothing here knows about GPUs; the work is done by a :class:`~.draservice.ClaimP
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +20,12 @@ import structlog
 from driver.kubeletapi import registration_pb2_grpc
 from driver.kubeletplugin.draservice import DraService, dra_handlers, serve
 from driver.kubeletplugin.registration import RegistrationServicer
-from driver.kubeletplugin.sockets import OwnedSocket, SocketPaths, prepare_socket_path
+from driver.kubeletplugin.sockets import (
+    OwnedSocket,
+    SocketPaths,
+    prepare_socket_path,
+    restrict_socket,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -73,18 +79,26 @@ class KubeletPlugin:
     def _listen(
         self, path: Path, handlers: Sequence[Callable[[grpc.Server], None]], workers: int
     ) -> grpc.Server:
-        prepare_socket_path(path)
+        prepare_socket_path(path, own_dir=path == self.paths.dra)
         owned = OwnedSocket(path)
         server = serve(path, handlers, workers)
+        restrict_socket(path)
         owned.mark_bound()
         self._owned.append(owned)
         return server
 
     def stop(self, grace_s: float = 2.0) -> None:
-        """Stop accepting calls, let running ones finish for ``grace_s``, remove our sockets only."""
-        for server in (self._reg_server, self._dra_server):
-            if server is not None:
-                server.stop(grace_s).wait(grace_s + 1.0)
+        """Stop accepting calls, let running ones finish for ``grace_s``, remove our sockets only.
+
+        Both servers stop at once (new calls are refused from here on); the wait is for the calls
+        already running, so an idle plugin stops in milliseconds. A call still running after the
+        grace is cancelled towards the kubelet and its thread is not waited for.
+        """
+        servers = [server for server in (self._reg_server, self._dra_server) if server is not None]
+        stopped = [server.stop(grace_s) for server in servers]
+        deadline = time.monotonic() + grace_s + 0.5
+        for done in stopped:
+            done.wait(max(0.0, deadline - time.monotonic()))
         self._reg_server = self._dra_server = None
         for owned in reversed(self._owned):
             if owned.remove():

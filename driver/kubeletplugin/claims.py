@@ -11,19 +11,24 @@ results[]`` ...). This module does not interpret results; that is ``driver.state
 
 from __future__ import annotations
 
-import json
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from driver.errors import ApiError, ApiNotFoundError, PermanentClaimError, TemporaryClaimError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiError, ApiNotFoundError, PermanentClaimError, TemporaryClaimError
 
 if TYPE_CHECKING:
     from driver.kube import Kube
 
 Claim = dict[str, Any]
+
+#: Deepest nesting a claim may have. Kubernetes' own fields stay under 15 levels; the rest is
+#: opaque parameters, whose known schemas are a few levels deep.
+MAX_CLAIM_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,54 @@ class ClaimRef:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}:{self.uid}"
+
+
+# Kubernetes' own rules (apimachinery validation): a namespace is a DNS-1123 label, an object
+# name a DNS-1123 subdomain. Checked before the name reaches a URL, a log key or a file name.
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# API server UIDs are RFC 4122 UUIDs; the looser rule (letters, digits, '.', '_', '-') keeps
+# test UIDs working and is the one CDI names and spec files accept.
+_UID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+MAX_LABEL = 63
+MAX_SUBDOMAIN = 253
+MAX_UID = 128
+
+
+def _shown(value: str) -> str:
+    """``value`` for an error message: quoted, and cut short so a huge name cannot flood a log."""
+    return repr(value) if len(value) <= 80 else repr(value[:80]) + f"... ({len(value)} characters)"
+
+
+def check_claim_ref(ref: ClaimRef) -> None:
+    """Refuse a claim reference Kubernetes itself could never have produced.
+
+    Raises:
+        PermanentClaimError: the namespace, name or UID breaks Kubernetes' naming rules; nothing
+            was fetched or changed.
+    """
+    problems = []
+    if len(ref.namespace) > MAX_LABEL or not _DNS1123_LABEL.fullmatch(ref.namespace):
+        problems.append(
+            f"namespace {_shown(ref.namespace)} is not a DNS-1123 label (at most {MAX_LABEL} lowercase "
+            "letters, digits and '-', starting and ending with a letter or digit)"
+        )
+    if len(ref.name) > MAX_SUBDOMAIN or not _DNS1123_SUBDOMAIN.fullmatch(ref.name):
+        problems.append(
+            f"name {_shown(ref.name)} is not a DNS-1123 subdomain (at most {MAX_SUBDOMAIN} lowercase "
+            "letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        )
+    if len(ref.uid) > MAX_UID or not _UID.fullmatch(ref.uid):
+        problems.append(
+            f"UID {_shown(ref.uid)} is not a Kubernetes UID "
+            f"(letters, digits, '-', '.', '_', at most {MAX_UID})"
+        )
+    if problems:
+        raise PermanentClaimError(
+            "refused claim reference: "
+            + "; ".join(problems)
+            + "; the kubelet only sends names the API server accepted - check what is calling the plugin"
+        )
 
 
 class ClaimSource(Protocol):
@@ -101,7 +154,7 @@ class DirectoryClaimSource:
         """Load the claim file, or raise ApiNotFoundError naming the expected path."""
         path = self._root / namespace / f"{name}.json"
         try:
-            data = json.loads(path.read_text())
+            data = boundedjson.loads(path.read_text())
         except FileNotFoundError:
             raise ApiNotFoundError(
                 f"resourceclaims {namespace}/{name} not found (no {path})", 404, "NotFound"
@@ -117,9 +170,11 @@ def fetch_allocated(source: ClaimSource, ref: ClaimRef) -> Claim:
     """Fetch ``ref`` and check it is the allocated claim the kubelet meant.
 
     Raises:
-        PermanentClaimError: the claim is gone, was replaced (other UID) or is not allocated.
+        PermanentClaimError: the reference breaks Kubernetes' naming rules (nothing is fetched),
+            the claim is gone, was replaced (other UID) or is not allocated.
         TemporaryClaimError: the API server could not be asked; the kubelet's retry may succeed.
     """
+    check_claim_ref(ref)
     try:
         claim = source.get(ref.namespace, ref.name)
     except ApiNotFoundError as exc:
@@ -127,10 +182,22 @@ def fetch_allocated(source: ClaimSource, ref: ClaimRef) -> Claim:
             f"ResourceClaim {ref.namespace}/{ref.name} not found: it was deleted before the pod started; "
             "recreate the pod or its claim"
         ) from exc
+    except ApiBodyError as exc:
+        raise PermanentClaimError(
+            f"ResourceClaim {ref.namespace}/{ref.name} cannot be decoded: {exc}; an opaque config's "
+            "parameters are nested far too deep - fix the claim's (or DeviceClass's) config"
+        ) from exc
     except ApiError as exc:
         raise TemporaryClaimError(
             f"could not fetch ResourceClaim {ref.namespace}/{ref.name}: {exc}; "
             "check the API server and the plugin's RBAC (resourceclaims get)"
+        ) from exc
+    try:
+        boundedjson.check_depth(claim, MAX_CLAIM_DEPTH)
+    except boundedjson.JsonTooDeepError as exc:
+        raise PermanentClaimError(
+            f"ResourceClaim {ref.namespace}/{ref.name} refused: {exc}; opaque device configs are a few "
+            "levels deep - fix the claim's (or DeviceClass's) config"
         ) from exc
     uid = claim.get("metadata", {}).get("uid", "")
     if uid != ref.uid:

@@ -33,7 +33,8 @@ import structlog
 
 from driver.errors import ClaimError
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
-from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, fetch_allocated
+from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, check_claim_ref, fetch_allocated
+from driver.metrics import operation, stage
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +53,16 @@ class PreparedDevice:
     device: str
     cdi_device_ids: tuple[str, ...]
     share_id: str | None = None
+
+
+class RequestObserver(Protocol):
+    """Hears about each claim's prepare/unprepare: its start, and its outcome with the kubelet's message."""
+
+    def started(self, op: str) -> None: ...
+
+    def finished(
+        self, op: str, ref: ClaimRef, seconds: float, error: Exception | None, message: str
+    ) -> None: ...
 
 
 class ClaimPreparer(Protocol):
@@ -91,10 +102,25 @@ def _dedupe(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _ambiguous_uid(uid: str, names: Sequence[str], rpc: str) -> str:
+    shown = ", ".join(n if len(n) <= 80 else n[:80] + "..." for n in names[:4])
+    what = "prepared" if rpc == "NodePrepareResources" else "unprepared"
+    return (
+        f"claim UID {uid[:128]} was sent {len(names)} times in one call under different names ({shown}); "
+        f"nothing was {what} for it in this call - one UID names one claim; check what is calling the plugin"
+    )
+
+
+#: Longest error text sent to the kubelet (it lands in the pod's events).
+MAX_ERROR_CHARS = 2048
+
+
 def _error_text(exc: BaseException, what: str, ref: ClaimRef) -> str:
     if isinstance(exc, ClaimError):
-        return str(exc)
-    return f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+        text = str(exc)
+    else:
+        text = f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "... [cut]"
 
 
 @dataclass
@@ -104,14 +130,17 @@ class DraService:
     preparer: ClaimPreparer
     source: ClaimSource
     max_parallel_claims: int = 8
+    #: Told about every claim's start and outcome (metrics, Events); set once the daemon has them.
+    observer: RequestObserver | None = None
     _pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.max_parallel_claims, thread_name_prefix="claim")
 
     def close(self) -> None:
-        """Stop the per-claim worker threads (after the gRPC server stopped)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the per-claim worker threads (after the gRPC server stopped); queued work is
+        dropped, running work is not waited for (the server's grace was its time to finish)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, refs: Sequence[ClaimRef]) -> dict[str, ClaimOutcome]:
         """Prepare every claim; the result has one entry per claim UID."""
@@ -127,22 +156,54 @@ class DraService:
         if not refs:
             return {}  # the kubelet's (and our health check's) liveness probe: answer at once
         request_id = next(_request_ids)
-        if len(refs) == 1:
-            return {refs[0].uid: one(refs[0], rpc, request_id)}
-        futures = [self._pool.submit(one, ref, rpc, request_id) for ref in refs]
-        return {ref.uid: fut.result() for ref, fut in zip(refs, futures, strict=True)}
+        # The reply has one entry per UID, so a UID sent twice gets one answer: the same reference
+        # twice is done once; one UID under two names is refused before anything is done, so the
+        # single entry tells the truth about both.
+        by_uid: dict[str, list[ClaimRef]] = {}
+        for ref in refs:
+            by_uid.setdefault(ref.uid, []).append(ref)
+        outcomes: dict[str, ClaimOutcome] = {}
+        todo: list[ClaimRef] = []
+        for uid, same in by_uid.items():
+            names = sorted({f"{r.namespace}/{r.name}" for r in same})
+            if len(names) > 1:
+                outcomes[uid] = ClaimOutcome(error=_ambiguous_uid(uid, names, rpc))
+                log.warning(
+                    "claim UID sent under several names; refused", claim_uid=uid, names=names, rpc=rpc
+                )
+            else:
+                todo.append(same[0])
+        if len(todo) == 1:
+            outcomes[todo[0].uid] = one(todo[0], rpc, request_id)
+        elif todo:
+            futures = [self._pool.submit(one, ref, rpc, request_id) for ref in todo]
+            for ref, fut in zip(todo, futures, strict=True):
+                outcomes[ref.uid] = fut.result()
+        return {uid: outcomes[uid] for uid in by_uid}
 
     def _prepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
-        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+        observer = self.observer
+        with (
+            structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id),
+            operation("prepare"),
+        ):
             started = time.perf_counter()
+            if observer is not None:
+                observer.started("prepare")
             try:
-                claim = fetch_allocated(self.source, ref)
+                with stage("claim_get"):
+                    claim = fetch_allocated(self.source, ref)
                 fetched = time.perf_counter()
                 devices = self.preparer.prepare(claim)
             except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
                 self._log_failure(exc, "prepare failed")
-                return ClaimOutcome(error=_error_text(exc, "preparing", ref))
+                message = _error_text(exc, "preparing", ref)
+                if observer is not None:
+                    observer.finished("prepare", ref, time.perf_counter() - started, exc, message)
+                return ClaimOutcome(error=message)
             done = time.perf_counter()
+            if observer is not None:
+                observer.finished("prepare", ref, done - started, None, "")
             log.info(
                 "claim prepared",
                 devices=[d.device for d in devices],
@@ -163,13 +224,25 @@ class DraService:
             )
 
     def _unprepare_one(self, ref: ClaimRef, rpc: str, request_id: int) -> ClaimOutcome:
-        with structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id):
+        observer = self.observer
+        with (
+            structlog.contextvars.bound_contextvars(claim=str(ref), rpc=rpc, request_id=request_id),
+            operation("unprepare"),
+        ):
             started = time.perf_counter()
+            if observer is not None:
+                observer.started("unprepare")
             try:
+                check_claim_ref(ref)
                 self.preparer.unprepare(ref)
             except Exception as exc:  # noqa: BLE001 - the claim boundary: every failure becomes its error
                 self._log_failure(exc, "unprepare failed")
-                return ClaimOutcome(error=_error_text(exc, "unpreparing", ref))
+                message = _error_text(exc, "unpreparing", ref)
+                if observer is not None:
+                    observer.finished("unprepare", ref, time.perf_counter() - started, exc, message)
+                return ClaimOutcome(error=message)
+            if observer is not None:
+                observer.finished("unprepare", ref, time.perf_counter() - started, None, "")
             log.info("claim unprepared", unprepare_ms=round((time.perf_counter() - started) * 1000, 3))
             return ClaimOutcome()
 

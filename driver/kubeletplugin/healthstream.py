@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 from driver.errors import ConfigError
-from driver.health import HealthMonitor, Snapshot
+from driver.health import Snapshot
 from driver.kubeletapi import (
     health_v1_pb2,
     health_v1_pb2_grpc,
@@ -40,12 +40,36 @@ DEFAULT_HEARTBEAT_S = 10.0
 KUBELET_HEALTH_TIMEOUT_S = 30.0
 
 
+class HealthFeed(Protocol):
+    """What a stream needs of the health monitor (``driver.health.HealthMonitor`` or a stand-in
+    that waits for it while the plugin starts)."""
+
+    @property
+    def stopped(self) -> bool:
+        """True once no more snapshots will come."""
+        ...
+
+    def snapshot(self) -> Snapshot | None:
+        """The current snapshot (None: the plugin stops before it had one)."""
+        ...
+
+    def wait_for_change(
+        self, version: int, timeout_s: float, cancelled: Callable[[], bool] = ...
+    ) -> Snapshot | None:
+        """The snapshot once newer than ``version`` or after ``timeout_s``; None once stopped."""
+        ...
+
+    def wake(self) -> None:
+        """Make waiters re-check whether their stream was cancelled."""
+        ...
+
+
 class HealthStream:
     """Turns the monitor's snapshots into a paced sequence for one watching kubelet."""
 
     def __init__(
         self,
-        monitor: HealthMonitor,
+        monitor: HealthFeed,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -127,7 +151,7 @@ class V1Alpha1HealthServicer(health_v1alpha1_pb2_grpc.DRAResourceHealthServicer)
 
 
 def health_handlers(
-    monitor: HealthMonitor, heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    monitor: HealthFeed, heartbeat_s: float = DEFAULT_HEARTBEAT_S
 ) -> list[Callable[[grpc.Server], None]]:
     """The callbacks that add both health servicers to the DRA socket's server.
 

@@ -6,6 +6,13 @@ instances can overlap. A socket file left by an earlier run of *this* instance i
 listening; on exit only the sockets this process created are removed, never another instance's
 (the kubelet deregisters a plugin when its registration socket disappears).
 
+Modes are set explicitly, never left to the umask: whoever can connect to the DRA socket can
+prepare devices, so the plugin's own directory (which holds the DRA socket) is made 0700 before
+the socket is bound - nobody else can reach the socket even in the moment between ``bind`` and
+``chmod`` - and both sockets are then made 0600. The registration socket sits in the kubelet's
+directory; before its ``chmod`` it offers only GetInfo, which names a socket others cannot reach.
+(Changing the umask instead would change it for every thread of the process.)
+
 This module does not start servers; it only names, prepares and removes socket files.
 """
 
@@ -20,6 +27,9 @@ from pathlib import Path
 import structlog
 
 log = structlog.get_logger(__name__)
+
+DIR_MODE = 0o700
+SOCKET_MODE = 0o600
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +50,31 @@ class SocketPaths:
         return cls(data_dir / "dra.sock", registry_dir / f"{driver_name}-reg.sock")
 
 
-def prepare_socket_path(path: Path) -> None:
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and give it mode 0700 whatever the umask; return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    path.chmod(DIR_MODE)
+    return path
+
+
+def restrict_socket(path: Path) -> None:
+    """Give a bound socket file mode 0600 (the umask at bind time is not trusted)."""
+    path.chmod(SOCKET_MODE)
+
+
+def prepare_socket_path(path: Path, *, own_dir: bool = False) -> None:
     """Create the parent directory and remove a stale socket at ``path`` so ``bind`` can succeed.
+
+    ``own_dir``: the parent is the plugin's own directory, made 0700 (the registration socket's
+    directory belongs to the kubelet and is left as it is).
 
     Raises:
         FileExistsError: ``path`` exists and is not a socket (never delete a file we do not own).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if own_dir:
+        private_dir(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

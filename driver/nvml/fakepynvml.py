@@ -284,6 +284,28 @@ class _Api:
         self.core.enter("nvmlDeviceGetComputeMode", handle)
         return _COMPUTE_MODE_VALUES[self.core.gpu_state(handle).get("computeMode", "DEFAULT")]
 
+    def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: list[int]) -> Any:
+        """Only the GPU recovery action is modelled: ``health[<uuid>].recoveryAction`` (default 0).
+
+        A GPU whose health entry says ``gpuLost`` answers GPU_IS_LOST, as a GPU off the bus does.
+        Other fields come back NOT_SUPPORTED in their own ``nvmlReturn``, as the real call does.
+        """
+        self.core.enter("nvmlDeviceGetFieldValues", handle)
+        uuid = self.core.device(handle).uuid
+        entry = (self.core.state.read().get("health") or {}).get(uuid) or {}
+        if entry.get("gpuLost"):
+            raise self.core.error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        for i, field_id in enumerate(fieldIds):
+            values[i].fieldId = field_id
+            if field_id == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
+                values[i].nvmlReturn = pynvml.NVML_SUCCESS
+                values[i].valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                values[i].value.uiVal = int(entry.get("recoveryAction", 0))
+            else:
+                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
+
     def nvmlDeviceSetComputeMode(self, handle: Any, mode: int) -> None:
         self.core.enter("nvmlDeviceSetComputeMode", handle)
         names = {v: k for k, v in _COMPUTE_MODE_VALUES.items()}

@@ -28,7 +28,7 @@ from kubernetes import config as kconfig
 
 from driver.errors import ApiError
 from driver.inventory import DRIVER_NAME
-from driver.kube import Kube
+from driver.kube import Kube, RestTransport
 from tests.e2e.test_chart import CHART, Helm, make_helm
 from tests.ground.controlplane import ControlPlane
 
@@ -150,7 +150,7 @@ def _wait_for_policy(control_plane: ControlPlane, token: str, other_node: str, w
 def _kube(control_plane: ControlPlane, token: str, path: Path) -> Kube:
     """The plugin's API facade authenticated with `token` (no client-side throttling in tests)."""
     configuration = _configuration(control_plane.kubeconfig_for_token(token, path))
-    return Kube(kclient.ApiClient(configuration), qps=1000.0, burst=1000)
+    return Kube(RestTransport(configuration), qps=1000.0, burst=1000)
 
 
 @pytest.fixture(scope="module")

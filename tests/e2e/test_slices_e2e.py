@@ -212,3 +212,17 @@ def test_claim_get_is_v1_shaped(kube: Kube, control_plane: ControlPlane, kube_cl
         kube.get_resource_claim(namespace, "no-such-claim")
     assert missing.value.status == 404
     assert missing.value.reason == "NotFound"
+
+
+def test_sequential_claim_gets_reuse_one_keep_alive_connection(control_plane: ControlPlane):
+    """Each new TLS session costs the kubelet's call a handshake; sequential GETs must share one."""
+    kube = Kube.from_config(control_plane.kubeconfig)
+    kube.resource_api_version()
+    for _ in range(20):
+        with pytest.raises(ApiError):
+            kube.get_resource_claim("default", "no-such-claim")
+    transport: Any = kube._transport
+    assert len(transport._pool.pools) == 1
+    pool = transport._pool.connection_from_url(transport._host)  # the one pool, looked up
+    assert pool.num_connections == 1, f"{pool.num_connections} TLS connections for 21 requests"
+    assert pool.num_requests == 21

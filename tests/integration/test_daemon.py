@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import pytest
 from cdi.names import claim_spec_filename
 from driver.checkpoint import CheckpointStore
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, registration_pb2, registration_pb2_grpc
+from driver.nvml.fakestate import FakeState
+from driver.nvml.topology import load_topology
 from tests.ground.driverroot import make_fake_driver_root
 from tests.integration.test_state import DRIVER, _started, make_claim
 
@@ -135,6 +138,19 @@ def wait_for_socket(proc: subprocess.Popen[str], path: Path, timeout_s: float = 
         time.sleep(0.02)
 
 
+def prepare(layout: Layout, namespace: str, name: str, uid: str) -> dra_v1_pb2.NodePrepareResourcesResponse:
+    with grpc.insecure_channel(f"unix://{layout.dra_socket}") as channel:
+        response: dra_v1_pb2.NodePrepareResourcesResponse = dra_v1_pb2_grpc.DRAPluginStub(
+            channel
+        ).NodePrepareResources(
+            dra_v1_pb2.NodePrepareResourcesRequest(
+                claims=[dra_v1_pb2.Claim(namespace=namespace, name=name, uid=uid)]
+            ),
+            timeout=40,
+        )
+    return response
+
+
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -170,22 +186,16 @@ def test_daemon_serves_reconciles_and_exits_cleanly_on_sigterm(layout: Layout) -
     wait_for_socket(proc, layout.reg_socket)
     try:
         assert layout.dra_socket.exists()  # the DRA socket came first
-        assert not orphan.exists()
-        assert not (layout.cdi / claim_spec_filename("uid-half")).exists()
-        assert CheckpointStore(layout.state / "checkpoint.json", BOOT_ID_PATH).get("uid-half") is None
-
         with grpc.insecure_channel(f"unix://{layout.reg_socket}") as channel:
             info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(
                 registration_pb2.InfoRequest(), timeout=10
             )
         assert info.endpoint == str(layout.dra_socket)
-        with grpc.insecure_channel(f"unix://{layout.dra_socket}") as channel:
-            resp = dra_v1_pb2_grpc.DRAPluginStub(channel).NodePrepareResources(
-                dra_v1_pb2.NodePrepareResourcesRequest(
-                    claims=[dra_v1_pb2.Claim(namespace="team-a", name="train", uid="uid-1")]
-                ),
-                timeout=30,
-            )
+        # The first prepare waits at the start-up gate until reconcile is done.
+        resp = prepare(layout, "team-a", "train", "uid-1")
+        assert not orphan.exists()
+        assert not (layout.cdi / claim_spec_filename("uid-half")).exists()
+        assert CheckpointStore(layout.state / "checkpoint.json", BOOT_ID_PATH).get("uid-half") is None
         assert resp.claims["uid-1"].error == ""
         assert list(resp.claims["uid-1"].devices[0].cdi_device_ids) == [
             "k8s.gpu.nvidia.com/claim=uid-1-gpu-3"
@@ -199,7 +209,8 @@ def test_daemon_serves_reconciles_and_exits_cleanly_on_sigterm(layout: Layout) -
     assert foreign.exists()
     events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
     assert events.index("DRA service listening") < events.index("registration socket ready")
-    assert "start-up reconcile done" in events
+    assert events.index("start-up reconcile done") < events.index("plugin ready")
+    assert events[-1] == "stopped"
     # What was prepared stays prepared across a plugin restart (the kubelet still uses it).
     assert (layout.cdi / claim_spec_filename("uid-1")).exists()
 
@@ -212,3 +223,66 @@ def test_invalid_configuration_exits_2_naming_the_problem(layout: Layout) -> Non
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "--kubeconfig / KUBECONFIG" in proc.stderr
+
+
+def test_kubelet_is_answered_while_nvml_is_not_ready_and_prepares_wait_for_it(layout: Layout) -> None:
+    """Registration needs no GPU: GetInfo is answered while NVML init still fails; a prepare sent
+    meanwhile waits at the start-up gate and succeeds once discovery and reconcile are done."""
+    fake_state = layout.base / "fake-nvml.json"
+    FakeState.create(fake_state, load_topology("a100-40gb-x8"), NODE)
+    with FakeState(fake_state).edit() as doc:
+        doc["faults"] = [{"op": "nvmlInit", "code": 1, "times": 2}]  # NVML_ERROR_UNINITIALIZED
+    claim = make_claim("uid-w", [("gpu", "gpu-0")], namespace="team-b", name="wait")
+    claim["status"]["allocation"]["devices"]["results"][0]["pool"] = NODE
+    layout.put_claim(claim)
+
+    proc = start(layout, "--fake-state", str(fake_state))
+    wait_for_socket(proc, layout.reg_socket)
+    try:
+        with grpc.insecure_channel(f"unix://{layout.reg_socket}") as channel:
+            info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(
+                registration_pb2.InfoRequest(), timeout=10
+            )
+        assert info.name == DRIVER
+        assert FakeState(fake_state).read()["faults"], "NVML came up before the kubelet was answered"
+        resp = prepare(layout, "team-b", "wait", "uid-w")
+        assert resp.claims["uid-w"].error == ""
+        assert FakeState(fake_state).read()["faults"] == []
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert events.index("registration socket ready") < events.index("NVML not ready, retrying")
+    assert events.index("plugin ready") < events.index("claim prepared")
+
+
+def test_sigterm_releases_a_prepare_waiting_at_the_start_up_gate(layout: Layout) -> None:
+    """A plugin stopped before NVML ever comes up answers the waiting call and exits 0 at once."""
+    fake_state = layout.base / "fake-nvml.json"
+    FakeState.create(fake_state, load_topology("a100-40gb-x8"), NODE)
+    with FakeState(fake_state).edit() as doc:
+        doc["faults"] = [{"op": "nvmlInit", "code": 1}]  # never ready
+    claim = make_claim("uid-n", [("gpu", "gpu-0")], namespace="team-b", name="never")
+    claim["status"]["allocation"]["devices"]["results"][0]["pool"] = NODE
+    layout.put_claim(claim)
+    proc = start(layout, "--fake-state", str(fake_state))
+    wait_for_socket(proc, layout.reg_socket)
+    errors: list[str] = []
+
+    def call() -> None:
+        try:
+            resp = prepare(layout, "team-b", "never", "uid-n")
+            errors.append(resp.claims["uid-n"].error)
+        except grpc.RpcError as exc:
+            errors.append(f"rpc {exc.code()}")
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)  # the call is at the gate (no timing is asserted)
+    code, out = stop(proc)
+    caller.join(30)
+    assert code == 0, out
+    assert len(errors) == 1
+    assert "stopping" in errors[0] or errors[0].startswith("rpc "), errors
+    assert not layout.reg_socket.exists()
+    assert not layout.dra_socket.exists()

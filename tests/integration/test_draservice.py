@@ -221,7 +221,8 @@ def test_per_claim_errors_never_fail_the_call(plugin: Plugin) -> None:
     assert "got replaced" in resp.claims["uid-old"].error
     assert "uid-new" in resp.claims["uid-old"].error
     assert "not found" in resp.claims["uid-gone"].error
-    assert "already prepared for claim default/claim-uid-good:uid-good" in resp.claims["uid-held"].error
+    assert "already prepared for another claim (UID uid-good)" in resp.claims["uid-held"].error
+    assert "default/claim-uid-good" not in resp.claims["uid-held"].error
     for uid in ("uid-unalloc", "uid-old", "uid-gone", "uid-held"):
         assert len(resp.claims[uid].devices) == 0
 

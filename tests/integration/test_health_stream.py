@@ -251,13 +251,15 @@ def test_daemon_streams_health_of_mig_devices(mig_layout: Layout) -> None:
             )
         assert list(info.supported_versions)[2:] == list(HEALTH_SERVICES)
         state = mig_layout.state / "fake-nvml.json"
-        uuid = next(iter(FakeState(state).read()["gpus"]))
+        # Opened right after registration, as a kubelet does: the stream waits for discovery
+        # instead of sending an empty device list.
         channel = grpc.insecure_channel(f"unix://{mig_layout.dra_socket}")
         stream: Any = health_v1alpha1_pb2_grpc.DRAResourceHealthStub(channel).NodeWatchResources(
             health_v1alpha1_pb2.NodeWatchResourcesRequest(), timeout=RPC_TIMEOUT_S
         )
         try:
             first = health_of(next(stream))
+            uuid = next(iter(FakeState(state).read()["gpus"]))
             inject(state, uuid, xid=79)
             changed = health_of(next_where(stream, lambda m: m.devices[0].health == Health.UNHEALTHY))
         finally:

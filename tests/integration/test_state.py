@@ -248,7 +248,9 @@ def test_unknown_device_is_a_permanent_error(node: Node) -> None:
 def test_device_held_by_another_claim_is_refused(node: Node) -> None:
     """A device prepared for one claim is refused to another, naming the holder."""
     node.state.prepare(make_claim("uid-1", [("gpu", "gpu-2")], name="first"))
-    with pytest.raises(PermanentClaimError, match=r"gpu-2 is already prepared for claim default/first:uid-1"):
+    with pytest.raises(
+        PermanentClaimError, match=r"gpu-2 is already prepared for another claim \(UID uid-1\)"
+    ):
         node.state.prepare(make_claim("uid-2", [("gpu", "gpu-2")]))
     assert node.recorded("uid-2") is None
     assert not node.spec_path("uid-2").exists()
@@ -431,6 +433,9 @@ class FakeSharing:
 
     def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
         self.undone.extend(str(r["claim"]) for r in records)
+
+    def check(self, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice]) -> None:
+        return None
 
 
 def test_sharing_seam_records_edits_and_undo(node: Node) -> None:

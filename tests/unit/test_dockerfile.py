@@ -13,15 +13,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ground.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
@@ -86,35 +85,7 @@ def _project() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel as CI builds it, from a copy of the tree (other work in the tree is left alone)."""
-    src = tmp_path_factory.mktemp("src")
-    ignore = shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
-    )
-    tree = src / "gpu-dra"
-    shutil.copytree(ROOT, tree, ignore=ignore)
-    out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            ".",
-        ],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, f"pip wheel failed:\n{proc.stdout}\n{proc.stderr}"
-    wheels = list(out.glob("*.whl"))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def _copy_glob() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -85,3 +86,34 @@ def test_damaged_file_reports_path(tmp_path: Path) -> None:
     store.path_for(UID).write_text("{")
     with pytest.raises(SpecInvalidError, match=str(store.path_for(UID))):
         store.read_claim_spec(UID)
+
+
+class _Fsyncs:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = os.fsync
+
+        def counted(fd: int) -> None:
+            self.count += 1
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", counted)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_decides_the_fsyncs_and_writes_stay_atomic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """A durable store fsyncs file and directory on write and the directory on removal; a
+    non-durable one none, and still replaces the whole file by rename (no temp file left)."""
+    counter = _Fsyncs(monkeypatch)
+    store = CdiStore(tmp_path / "cdi", durable=durable)
+    path = store.write_claim_spec(UID, claim_spec(device="gpu-0"))
+    replaced = path.stat().st_ino
+    store.write_claim_spec(UID, claim_spec(device="gpu-1"))
+    assert path.stat().st_ino != replaced  # a new file renamed into place
+    assert store.read_claim_spec(UID) == claim_spec(device="gpu-1")
+    assert store.stray_temp_files() == []
+    assert counter.count == (4 if durable else 0)
+    store.remove_claim_spec(UID)
+    assert counter.count == (5 if durable else 0)

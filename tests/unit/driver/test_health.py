@@ -142,7 +142,10 @@ def test_fake_source_reads_the_health_map(tmp_path: Path) -> None:
     assert "fell off the bus" in got[Scope("GPU-1")].message
     assert got[Scope("GPU-2")].status is Health.UNHEALTHY
     assert "lost" in got[Scope("GPU-2")].message
-    assert got[Scope("GPU-3")] == Condition(Health.UNKNOWN, "health not monitored: injected")
+    assert (got[Scope("GPU-3")].status, got[Scope("GPU-3")].message) == (
+        Health.UNKNOWN,
+        "health not monitored: injected",
+    )
     assert got[Scope("GPU-4")].status is Health.HEALTHY
     assert got[Scope("GPU-5", 3)].status is Health.UNHEALTHY
     with FakeState(state).edit() as doc:
@@ -175,6 +178,9 @@ class ScriptedSource:
         if self.fail:
             raise DriverError("source broke")
         return dict(self.now)
+
+    def forget(self, scope: Scope, kinds: Any) -> None:
+        self.now.pop(scope, None)
 
     def close(self) -> None:
         self.closed = True

@@ -1171,32 +1171,37 @@ def test_publisher_reconnects_a_broken_watch(publisher_for):
     assert wait_for(lambda: len(kube.slices) == 1)
 
 
-# -- the kube facade's version handling (over a scripted ApiClient) ------------------------------
+# -- the kube facade's version handling (over a scripted transport) -----------------------------
 
 
 class ScriptedResponse:
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         self.status = status
-        self._data = json.dumps(body).encode()
-
-    def read(self) -> bytes:
-        return self._data
+        self.data = json.dumps(body).encode()
 
 
-class ScriptedApiClient:
-    """Answers ``param_serialize``/``call_api`` from a table of (method, path) -> (status, body)."""
+class ScriptedTransport:
+    """Answers ``send`` from a table of (method, path) -> (status, body); records what was sent."""
 
     def __init__(self, answers: dict[tuple[str, str], tuple[int, dict[str, Any]]]) -> None:
         self.answers = answers
         self.paths: list[str] = []
+        self.bodies: list[bytes | None] = []
 
-    def param_serialize(self, method: str, resource_path: str, **kwargs: Any) -> tuple[Any, ...]:
-        return method, resource_path, kwargs.get("header_params"), kwargs.get("body"), None
-
-    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> ScriptedResponse:
-        self.paths.append(url)
-        status, body = self.answers.get((method, url), (404, {"kind": "Status", "reason": "NotFound"}))
-        return ScriptedResponse(status, body)
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Any,
+        body: bytes | None,
+        timeout: Any,
+        stream: bool,
+    ) -> ScriptedResponse:
+        self.paths.append(path)
+        self.bodies.append(body)
+        status, answer = self.answers.get((method, path), (404, {"kind": "Status", "reason": "NotFound"}))
+        return ScriptedResponse(status, answer)
 
 
 def _group(*versions: str) -> tuple[int, dict[str, Any]]:
@@ -1217,7 +1222,7 @@ def test_claim_from_a_v1beta1_only_server_comes_back_v1_shaped():
             }
         },
     }
-    api = ScriptedApiClient(
+    api = ScriptedTransport(
         {
             ("GET", "/apis/resource.k8s.io"): _group("v1beta1"),
             ("GET", "/apis/resource.k8s.io/v1beta1/namespaces/ns/resourceclaims/c"): (200, claim),
@@ -1237,7 +1242,7 @@ def test_a_missing_claim_is_not_found_and_a_version_gone_is_rediscovered():
         404,
         {"kind": "Status", "reason": "NotFound", "details": {"name": "c"}, "message": "not found"},
     )
-    api = ScriptedApiClient(
+    api = ScriptedTransport(
         {
             ("GET", "/apis/resource.k8s.io"): _group("v1", "v1beta2"),
             ("GET", "/apis/resource.k8s.io/v1/namespaces/ns/resourceclaims/c"): missing,
@@ -1259,7 +1264,7 @@ def test_a_missing_claim_is_not_found_and_a_version_gone_is_rediscovered():
 
 
 def test_api_errors_keep_status_and_reason():
-    api = ScriptedApiClient(
+    api = ScriptedTransport(
         {
             ("GET", "/apis/resource.k8s.io"): _group("v1"),
             ("POST", "/apis/resource.k8s.io/v1/resourceslices"): (
@@ -1307,3 +1312,14 @@ def test_kubernetes_134_limits_counters_per_slice_not_per_set():
     ]
     with pytest.raises(SliceValidationError, match=r"consumes 33 counters"):
         validate_slice(greedy, server_minor=34)
+
+
+def test_publisher_backoff_is_capped_at_a_few_seconds():
+    """After a long API server outage slices return within seconds (a 60 s cap once took 35 s)."""
+    from driver.resourceslices import BACKOFF_MAX_S, backoff_delay
+
+    publisher = SlicePublisher(FakeKube(), NODE, DRIVER)
+    assert BACKOFF_MAX_S <= 5.0
+    delays = [backoff_delay(n, publisher._backoff_initial, publisher._backoff_max) for n in range(1, 200)]
+    assert delays[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert max(delays) == BACKOFF_MAX_S
