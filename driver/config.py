@@ -231,6 +231,7 @@ _FLAGS: tuple[_Flag, ...] = (
         "of shares, or disabled.",
         "memory",
     ),
+    _Flag(
         "--additional-xids-to-ignore",
         ("ADDITIONAL_XIDS_TO_IGNORE",),
         "Comma-separated XIDs to treat as application errors (taint effect None).",
