@@ -41,6 +41,15 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "DRAListTypeAttributes": False,
 }
 
+#: Gates NVIDIA's chart knows that this build does not implement: accepted as false (so a values
+#: file written for that chart keeps working), refused as true, because a gate that is silently
+#: ignored makes an operator believe a feature is on.
+UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
+    "PassthroughSupport": "VFIO passthrough of whole GPUs",
+    "DRAListTypeAttributes": "list-typed device attributes",
+    "ConsumableShares": "consumable GPU shares",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -254,22 +263,32 @@ _FLAGS: tuple[_Flag, ...] = (
 )
 
 
-def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
-    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later)."""
+def add_plugin_flags(
+    parser: argparse.ArgumentParser, *, hidden: bool = False, skip: Sequence[str] = ()
+) -> None:
+    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later).
+
+    The debug commands take them ``hidden`` (accepted, not in their help, which shows only the
+    command's own flags) and ``skip`` those they define themselves.
+    """
     for spec in _FLAGS:
+        if spec.flag in skip:
+            continue
         env_help = " / ".join(spec.env)
         default_help = f" Default: {spec.default}." if spec.default else ""
         parser.add_argument(
             spec.flag,
             default=None,
             choices=spec.choices,
-            help=f"{spec.help}{default_help} Env: {env_help}.",
+            help=argparse.SUPPRESS if hidden else f"{spec.help}{default_help} Env: {env_help}.",
         )
     parser.add_argument(
         "--no-publish",
         action="store_true",
         default=None,
-        help="Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
+        help=argparse.SUPPRESS
+        if hidden
+        else "Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
     )
 
 
@@ -348,7 +367,11 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         ) from None
     from driver.health import parse_xid_list
 
-    no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
+    no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     driver_root = Path(v["driver_root"] or "/")
     return Config(
         node_name=v["node_name"] or "",
@@ -496,11 +519,11 @@ def _api_problems(cfg: Config) -> list[str]:
 
 def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
     # MIG and MPS combine here (NVIDIA's driver refuses DynamicMIG with MPSSupport).
-    exclusive = (("DynamicMIG", "PassthroughSupport"),)
     return [
-        f"--feature-gates / FEATURE_GATES: {a} and {b} cannot both be enabled; disable one"
-        for a, b in exclusive
-        if gates.get(a) and gates.get(b)
+        f"--feature-gates / FEATURE_GATES: {name}=true is not implemented by gpu-dra ({what}); "
+        f"remove it or set {name}=false (chart: plugin.featureGates.{name})"
+        for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
+        if gates.get(name)
     ]
 
 

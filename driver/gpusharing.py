@@ -28,7 +28,7 @@ from driver.kubeletplugin.claims import Claim
 from driver.metrics import stage
 from driver.state import SharingOutcome, config_groups
 from mig.spec import MigLive
-from sharing.config import ConfigGroup
+from sharing.config import STRATEGY_MPS, STRATEGY_TIME_SLICING, ConfigGroup
 from sharing.errors import ConfigError as SharingConfigError
 from sharing.errors import SharingError
 from sharing.mps import MpsManager, mps_group_id
@@ -43,10 +43,38 @@ MPS = "mps"
 class GpuSharing:
     """Applies and undoes a claim's time-slicing and MPS settings."""
 
-    def __init__(self, driver_name: str, timeslicer: TimeSlicer, mps: MpsManager) -> None:
+    def __init__(
+        self,
+        driver_name: str,
+        timeslicer: TimeSlicer,
+        mps: MpsManager,
+        *,
+        time_slicing_enabled: bool = True,
+        mps_enabled: bool = True,
+    ) -> None:
         self._driver = driver_name
         self._timeslicer = timeslicer
         self._mps = mps
+        self._gated_off = {
+            strategy: gate
+            for strategy, gate, enabled in (
+                (STRATEGY_TIME_SLICING, "TimeSlicingSettings", time_slicing_enabled),
+                (STRATEGY_MPS, "MPSSupport", mps_enabled),
+            )
+            if not enabled
+        }
+
+    def _check_gates(self, groups: Sequence[ConfigGroup]) -> None:
+        """Refuse, before anything starts, a strategy whose feature gate is off on this node."""
+        for group in groups:
+            sharing = group.sharing
+            gate = self._gated_off.get(sharing.strategy) if sharing is not None else None
+            if sharing is not None and gate is not None:
+                raise PermanentClaimError(
+                    f"sharing strategy {sharing.strategy} is turned off on this node by feature gate "
+                    f"{gate}=false; remove the sharing config from the claim, or enable the gate "
+                    f"(--feature-gates / FEATURE_GATES {gate}=true, chart: plugin.featureGates.{gate})"
+                )
 
     def apply(
         self,
@@ -72,6 +100,7 @@ class GpuSharing:
             TemporaryClaimError: a tool failed or a daemon did not answer in time.
         """
         groups = config_groups(claim, devices, self._driver)
+        self._check_gates(groups)
         by_name = {d.name: d for d in devices}
         records: list[dict[str, Any]] = []
         edits: dict[str, ContainerEdits] = {}

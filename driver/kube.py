@@ -34,11 +34,13 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -227,11 +229,73 @@ def _client_modules() -> tuple[Any, Any]:
     return configuration, rest
 
 
-def load_configuration(kubeconfig: Path | None) -> Any:
-    """A ``kubernetes.client.Configuration`` from ``kubeconfig``, or the pod's service account when None.
+class CredentialsError(ApiError):
+    """No usable Kubernetes credentials: no kubeconfig found, unreadable, or no such context."""
+
+
+def user_agent() -> str:
+    """``gpu-dra/<version>``: what our requests call themselves in API server logs and audit."""
+    from driver import version
+
+    return f"gpu-dra/{version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where a command's Kubernetes credentials come from (see :func:`resolve_credentials`)."""
+
+    kubeconfig: str | None
+    """A kubeconfig path or a ``:``-separated list; None means the in-cluster service account."""
+
+    source: str
+    """How it was found: ``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or ``in-cluster``."""
+
+    context: str | None = None
+
+
+def resolve_credentials(
+    flag: str | None,
+    context: str | None = None,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Credentials:
+    """kubectl's and helm's order: ``--kubeconfig``, then ``$KUBECONFIG``, then
+    ``~/.kube/config``, then the pod's service account (in-cluster).
 
     Raises:
-        ApiError: the credentials cannot be loaded; the message says what to fix.
+        CredentialsError: none of them is there; the message lists what was tried.
+    """
+    environ = os.environ if env is None else env
+    if flag:
+        return Credentials(flag, "--kubeconfig", context)
+    listed = environ.get("KUBECONFIG", "")
+    if any(p for p in listed.split(os.pathsep)):
+        return Credentials(listed, "$KUBECONFIG", context)
+    default = (home if home is not None else Path(environ.get("HOME") or Path.home())) / ".kube" / "config"
+    if default.is_file():
+        return Credentials(str(default), "~/.kube/config", context)
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        if context:
+            raise CredentialsError(
+                f"--context {context!r} needs a kubeconfig, and none was found (in a pod the service "
+                "account is used); pass --kubeconfig or drop --context",
+                reason="ConfigInvalid",
+            )
+        return Credentials(None, "in-cluster", None)
+    raise CredentialsError(
+        "no Kubernetes credentials: pass --kubeconfig, set $KUBECONFIG, create ~/.kube/config "
+        f"(looked at {default}), or run this in the plugin's pod",
+        reason="ConfigInvalid",
+    )
+
+
+def load_configuration(kubeconfig: Path | str | None, context: str | None = None) -> Any:
+    """A ``kubernetes.client.Configuration`` from ``kubeconfig`` (a file, or a ``:``-separated
+    list merged as kubectl does), or the pod's service account when None; ``context`` picks a
+    context other than the kubeconfig's current one.
+
+    Raises:
+        CredentialsError: the credentials cannot be loaded; the message says what to fix.
     """
     configuration_module, _ = _client_modules()
     configuration = configuration_module.Configuration()
@@ -255,11 +319,14 @@ def load_configuration(kubeconfig: Path | None) -> Any:
                 )
             except ImportError:
                 from kubernetes.config import kube_config
-            kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+            kube_config.load_kube_config(
+                config_file=str(kubeconfig), context=context, client_configuration=configuration
+            )
     except Exception as exc:
         where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
-        raise ApiError(
-            f"cannot load Kubernetes credentials from {where}: {exc}; "
+        what = f" (context {context!r})" if context else ""
+        raise CredentialsError(
+            f"cannot load Kubernetes credentials from {where}{what}: {str(exc).rstrip('.')}; "
             "pass --kubeconfig with a readable file, or run in a pod with a service account",
             reason="ConfigInvalid",
         ) from exc
@@ -380,9 +447,16 @@ class Kube:
         self._version_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, kubeconfig: Path | None, request_timeout_s: float = 10.0) -> Kube:
-        """A client from a kubeconfig file, or the pod's service account when ``kubeconfig`` is None."""
-        return cls(RestTransport(load_configuration(kubeconfig)), request_timeout_s=request_timeout_s)
+    def from_config(
+        cls, kubeconfig: Path | str | None, request_timeout_s: float = 10.0, *, context: str | None = None
+    ) -> Kube:
+        """A client from a kubeconfig, or the pod's service account when ``kubeconfig`` is None.
+
+        Every request carries the user agent ``gpu-dra/<version>``, so API server logs and audit
+        name us.
+        """
+        transport = RestTransport(load_configuration(kubeconfig, context), user_agent())
+        return cls(transport, request_timeout_s=request_timeout_s)
 
     # -- raw requests ---------------------------------------------------------------------------
 

@@ -265,6 +265,8 @@ def _object(value: object, path: str, allowed: Sequence[str]) -> Mapping[str, An
 
 
 def _enum(value: object, path: str, allowed: Sequence[str], what: str) -> str:
+    if value is None:
+        raise ConfigError(path, f"is missing; set it to one of: {', '.join(allowed)}")
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(
             path, f"{_shown(value)} is not a valid {what}; allowed values: {', '.join(allowed)}"
@@ -419,6 +421,8 @@ def decode_config(parameters: Mapping[str, Any] | str | bytes) -> DeviceConfig:
     check_bounds(parameters)
     obj = _object(parameters, "", ("apiVersion", "kind", "sharing"))
     api_version = obj.get("apiVersion")
+    if api_version is None:
+        raise ConfigError("apiVersion", f"is missing; add apiVersion: {API_VERSION}")
     if api_version != API_VERSION:
         raise ConfigError("apiVersion", f"{_shown(api_version)} is not supported; use {API_VERSION}")
     kind = _enum(obj.get("kind"), "kind", KINDS, "kind")

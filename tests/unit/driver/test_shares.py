@@ -11,7 +11,6 @@ from driver.inventory import AllocatableDevice, Inventory
 from driver.resourceslices import build_slices, comparable_spec, validate_pool
 from driver.shares import (
     COMPUTE,
-    MIB,
     MIN_SHARE_MEMORY,
     ShareMode,
     offer_shares,
@@ -57,11 +56,8 @@ def test_memory_mode_publishes_nvidias_policy_with_a_1gi_minimum() -> None:
     device = published(offered("memory"))
     assert device["allowMultipleAllocations"] is True
     assert device["capacity"]["memory"] == {
-        "value": str(A100_MEMORY),
-        "requestPolicy": {
-            "default": str(A100_MEMORY),
-            "validRange": {"min": str(MIN_SHARE_MEMORY), "max": str(A100_MEMORY), "step": str(MIB)},
-        },
+        "value": "40Gi",
+        "requestPolicy": {"default": "40Gi", "validRange": {"min": "1Gi", "max": "40Gi", "step": "1Mi"}},
     }
     assert device["capacity"][COMPUTE] == {
         "value": "100",
@@ -72,7 +68,7 @@ def test_memory_mode_publishes_nvidias_policy_with_a_1gi_minimum() -> None:
 
 def test_unlimited_mode_defaults_memory_to_zero() -> None:
     policy = published(offered("unlimited"))["capacity"]["memory"]["requestPolicy"]
-    assert policy == {"default": "0", "validRange": {"min": "0", "max": str(A100_MEMORY), "step": str(MIB)}}
+    assert policy == {"default": "0", "validRange": {"min": "0", "max": "40Gi", "step": "1Mi"}}
 
 
 def test_n_shares_mode_adds_a_shares_capacity() -> None:
@@ -97,7 +93,7 @@ def test_disabled_changes_nothing_and_mig_devices_are_not_shared() -> None:
 def test_memory_not_a_mib_multiple_is_rounded_down_so_steps_reach_it() -> None:
     odd = Inventory(devices=(_gpu(40 * GIB + 12345),))
     device = published(offer_shares(odd, parse_share_mode("memory")))
-    assert device["capacity"]["memory"]["value"] == str(40 * GIB)
+    assert device["capacity"]["memory"]["value"] == "40Gi"
 
 
 def test_the_validator_knows_the_servers_policy_rules() -> None:
