@@ -47,7 +47,6 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
 UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
     "PassthroughSupport": "VFIO passthrough of whole GPUs",
     "DRAListTypeAttributes": "list-typed device attributes",
-    "ConsumableShares": "consumable GPU shares",
 }
 
 
