@@ -220,7 +220,11 @@ def precompile(tree: Path) -> None:
 
 
 def in_cluster_possible() -> bool:
-    return os.geteuid() == 0 and shutil.which("unshare") is not None
+    """Whether a private mount namespace with a tmpfs over /run can be made here (root, unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /run"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def make_credentials(mode: str, cp: Any, workdir: Path) -> Credentials:
@@ -287,7 +291,9 @@ def get_info_after_spawn(plugin: PluginProcess, timeout_s: float = 60.0) -> floa
     """Seconds from spawn to a GetInfo answer, calling as the kubelet does once the socket is there."""
     plugin.wait_socket(timeout_s)
     with grpc.insecure_channel(f"unix://{plugin.node.reg_socket}") as channel:
-        registration_pb2_grpc.RegistrationStub(channel).GetInfo(registration_pb2.InfoRequest(), timeout=10)
+        registration_pb2_grpc.RegistrationStub(channel).GetInfo(
+            registration_pb2.InfoRequest(), timeout=10, wait_for_ready=False
+        )
     return time.perf_counter() - plugin.started
 
 

@@ -124,7 +124,10 @@ class Config:
     """KUBERNETES_SERVICE_HOST is set: service-account credentials are available when no kubeconfig is."""
 
     healthcheck_port: int = -1
-    """TCP port of the gRPC health service on localhost; -1 disables it, 0 picks a free port."""
+    """TCP port of the gRPC health service; -1 disables it, 0 picks a free port."""
+
+    healthcheck_address: str = "127.0.0.1"
+    """Address the health service listens on; the chart sets the pod IP (kubelet grpc probes)."""
 
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(KNOWN_FEATURE_GATES))
     """Feature gate values (defaults filled in)."""
@@ -217,7 +220,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--namespace", ("POD_NAMESPACE", "NAMESPACE"), "Namespace the plugin runs in.", "default"),
     _Flag("--mps-root", ("MPS_ROOT",), "Host directory for MPS pipes and logs.", "/run/nvidia/mps"),
     _Flag("--nvidia-cdi-hook-path", ("NVIDIA_CDI_HOOK_PATH",), "Host path of nvidia-cdi-hook."),
-    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health port on localhost (-1: off).", "-1"),
+    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health service port (-1: off).", "-1"),
+    _Flag(
+        "--healthcheck-address",
+        ("HEALTHCHECK_ADDRESS",),
+        "Address the gRPC health service listens on (the chart: the pod IP, for the kubelet's grpc probes).",
+        "127.0.0.1",
+    ),
     _Flag("--feature-gates", ("FEATURE_GATES",), "Feature gates, e.g. MPSSupport=true,DynamicMIG=false.", ""),
     _Flag(
         "--mig-mode", ("MIG_MODE",), "How MIG-capable GPUs are published.", "dynamic", ("dynamic", "static")
@@ -397,6 +406,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         nvidia_cdi_hook_path=path("nvidia_cdi_hook_path"),
         in_cluster=bool(environ.get("KUBERNETES_SERVICE_HOST")),
         healthcheck_port=port,
+        healthcheck_address=v["healthcheck_address"] or "127.0.0.1",
         feature_gates=parse_feature_gates(v["feature_gates"] or ""),
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
