@@ -50,7 +50,6 @@ from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.kubeletplugin.sockets import private_dir
-from driver.ownership import LEDGER_DIR, Ledger
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore, PreparedClaim
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
     from driver.kube import Kube
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
+    from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
     from driver.taints import DeviceTaints, TaintSync
@@ -198,19 +198,21 @@ class Daemon:
 
         self.gate.phase = "opening NVML"
         nvml = self._open_nvml()
-        if nvml is None:
+        if nvml is None or self.stop.is_set():
             return
         self.gate.phase = "loading the checkpoint"
         checkpoint, problem = self._checkpoint()
         self._mig_backend = self._mig(nvml)
         sharing = self._sharing()
+        from driver.ownership import LEDGER_DIR, Ledger
+
         ledger = Ledger(cfg.state_dir / LEDGER_DIR)
         if problem is None and self._lost:
             self.gate.phase = "rebuilding what the plugin owns after a lost checkpoint"
             problem = self._rebuild(nvml, checkpoint, ledger, sharing)
         self.gate.phase = "discovering GPUs"
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
-        if inventory is None:
+        if inventory is None or self.stop.is_set():
             return
         self._checkpoint_store = checkpoint
         self.gate.phase = "rolling back unfinished prepares"
@@ -234,7 +236,16 @@ class Daemon:
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
-            self._start_publisher(_need(kube_future).result(), inventory)
+            kube = self._wait_for(_need(kube_future))
+            if kube is not None:
+                self._start_publisher(kube, inventory)
+
+    def _wait_for(self, future: Future[Kube]) -> Kube | None:
+        """The API client once loaded; None if a stop signal comes first (no wait past SIGTERM)."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                return future.result(0.05)
+        return None
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
