@@ -16,7 +16,7 @@ Start-up, in this order:
    removed); then the gate opens (``plugin ready``);
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
 6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
-   :data:`SHUTDOWN_GRACE_S`, remove only our sockets, and exit without the interpreter's teardown
+   ``--shutdown-grace`` (5 s), remove only our sockets, and exit without the interpreter's teardown
    (a call still running past the grace is abandoned, exactly as kill -9 would: the checkpoint
    says ``PrepareStarted`` and the next start rolls it back).
 
@@ -69,8 +69,6 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: How long a kubelet call that arrives during start-up waits for discovery, reconcile and the
 #: API client before it gets a temporary error (the kubelet retries; its own call timeout is 45 s).
 STARTUP_WAIT_S = 30.0
-#: How long running kubelet calls may take to finish after SIGTERM.
-SHUTDOWN_GRACE_S = 5.0
 #: The main thread looks this often whether the plugin has gone quiet after some work ...
 QUIET_CHECK_S = 5.0
 #: ... and, once no kubelet call came for this long, hands the memory that work freed back.
@@ -625,7 +623,7 @@ class Daemon:
         self.gate.close()
         monitor_done = self._health.close()
         if self.plugin is not None:
-            self.plugin.stop(SHUTDOWN_GRACE_S)
+            self.plugin.stop(self.cfg.shutdown_grace_s)
         closers = list(reversed(self._closers))
         # NVML goes last, and only once the health monitor no longer sits in an NVML event
         # wait: shutting NVML down under it is undefined, and the process ends in a moment anyway.
