@@ -42,7 +42,7 @@ import structlog
 
 from driver import log as logsetup
 from driver.config import Config
-from driver.errors import CheckpointError, ConfigError, DriverError, NvmlError, TemporaryClaimError
+from driver.errors import ConfigError, DriverError, NvmlError, TemporaryClaimError
 from driver.inventory import Inventory
 from driver.kubeletplugin import KubeletPlugin, SocketPaths
 from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, DirectoryClaimSource, KubeClaimSource
@@ -50,9 +50,10 @@ from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.kubeletplugin.sockets import private_dir
+from driver.ownership import LEDGER_DIR, Ledger
 
 if TYPE_CHECKING:
-    from driver.checkpoint import CheckpointStore
+    from driver.checkpoint import CheckpointStore, PreparedClaim
     from driver.discovery import MigHook
     from driver.health import HealthMonitor, Snapshot
     from driver.kube import Kube
@@ -135,6 +136,7 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _lost: bool = False
     _taint_sync: TaintSync | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
     activity: Activity = field(default_factory=Activity)
@@ -199,16 +201,29 @@ class Daemon:
         if nvml is None:
             return
         self.gate.phase = "loading the checkpoint"
-        checkpoint = self._checkpoint()
+        checkpoint, problem = self._checkpoint()
         self._mig_backend = self._mig(nvml)
+        sharing = self._sharing()
+        ledger = Ledger(cfg.state_dir / LEDGER_DIR)
+        if problem is None and self._lost:
+            self.gate.phase = "rebuilding what the plugin owns after a lost checkpoint"
+            problem = self._rebuild(nvml, checkpoint, ledger, sharing)
         self.gate.phase = "discovering GPUs"
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
         if inventory is None:
             return
         self._checkpoint_store = checkpoint
         self.gate.phase = "rolling back unfinished prepares"
-        self.state = self._device_state(inventory, checkpoint)
-        self.state.reconcile()
+        self.state = self._device_state(inventory, checkpoint, sharing, ledger)
+        if problem is None:
+            self.state.reconcile()
+        else:
+            # Serve, refuse claims with the reason, and finish start-up once the cause is gone:
+            # a crash loop would only hide the reason behind restarts.
+            self.state.unavailable = problem
+            threading.Thread(
+                target=self._recover, args=(nvml, checkpoint, ledger, sharing), name="recovery", daemon=True
+            ).start()
         self._start_health(nvml, self.state)
         self.gate.open(self.state)
         log.info("plugin ready", startup_ms=_ms_since(self.started_at))
@@ -307,8 +322,12 @@ class Daemon:
         if not self.cfg.gate("DynamicMIG"):
             mode = "static"
         # Instances of checkpointed claims are ours (a crashed prepare's leftovers included, so
-        # reconcile can roll them back); anything else on a GPU is left alone.
-        owned = owned_mig_placements(checkpoint.load().values())
+        # reconcile can roll them back); anything else on a GPU is left alone. An unusable
+        # checkpoint owns nothing yet: discovery runs again once it is usable.
+        try:
+            owned = owned_mig_placements(checkpoint.load().values())
+        except (DriverError, OSError):
+            owned = []
         return make_mig_hook(
             self._mig_backend, mode, allow_mig_mode_change=self.cfg.allow_mig_mode_change, owned=owned
         )
@@ -349,18 +368,98 @@ class Daemon:
                 return None
         return None  # pragma: no cover
 
-    def _checkpoint(self) -> CheckpointStore:
+    def _checkpoint(self) -> tuple[CheckpointStore, str | None]:
+        """The checkpoint store after its start-up, and why it cannot be used (None: it can)."""
         from driver.checkpoint import CheckpointStore
 
         cfg = self.cfg
         checkpoint = CheckpointStore(cfg.state_dir / CHECKPOINT_FILE, BOOT_ID_PATH)
-        try:
-            report = checkpoint.startup()
-        except CheckpointError as exc:
-            raise CheckpointError(f"checkpoint {cfg.state_dir / CHECKPOINT_FILE} unusable: {exc}") from exc
+        report = checkpoint.startup()
         for warning in report.warnings:
             log.warning("checkpoint start-up", warning=warning)
-        return checkpoint
+        self._lost = report.lost
+        return checkpoint, report.problem
+
+    def _rebuild(
+        self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
+    ) -> str | None:
+        """Checkpoint entries for what the node shows the plugin owns (the checkpoint was lost).
+
+        Returns why the rebuilt entries could not be recorded, or None.
+        """
+        from cdi.store import CdiStore
+        from driver.ownership import Gpu, SharingRecords, rebuild
+
+        cfg = self.cfg
+        rebuilt = rebuild(
+            pool=cfg.node_name,
+            cdi=CdiStore(cfg.cdi_root),
+            ledger=ledger,
+            gpus=[Gpu(g.minor, g.uuid) for g in nvml.gpus()],
+            mig=self._mig_backend,
+            mps=sharing if isinstance(sharing, SharingRecords) else None,
+            dynamic_mig=cfg.gate("DynamicMIG") and cfg.mig_mode == "dynamic",
+        )
+        for note in rebuilt.notes:
+            log.warning("ownership rebuild", note=note)
+        if not rebuilt.claims:
+            return None
+
+        def merge(claims: dict[str, PreparedClaim]) -> None:
+            for uid, claim in rebuilt.claims.items():
+                claims.setdefault(uid, claim)
+
+        try:
+            checkpoint.update(merge)
+        except (DriverError, OSError) as exc:
+            return f"the claims rebuilt from the node cannot be recorded: {exc}"
+        self._lost = False
+        log.warning(
+            "checkpoint was lost; what the plugin owns was rebuilt from the node",
+            claims={uid: c.state for uid, c in rebuilt.claims.items()},
+            devices={uid: [d.device for d in c.devices] for uid, c in rebuilt.claims.items()},
+            hint="the kubelet's next prepare or unprepare of each claim completes or undoes it",
+        )
+        return None
+
+    def _recover(
+        self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
+    ) -> None:
+        """Retry the checkpoint's start-up until it is usable, then finish start-up and serve."""
+        state = self.state
+        if state is None:
+            return
+        for delay in Backoff(1.0, 5.0).delays():
+            if self.stop.wait(delay):
+                return
+            report = checkpoint.startup()
+            problem = report.problem
+            self._lost = self._lost or report.lost
+            if problem is None and self._lost:
+                problem = self._rebuild(nvml, checkpoint, ledger, sharing)
+            if problem is not None:
+                state.unavailable = problem
+                log.warning("checkpoint still unusable; claims refused", problem=problem, retry_in_s=delay)
+                continue
+            from driver.discovery import DiscoveryError, discover
+
+            try:
+                inventory = discover(
+                    nvml,
+                    self.cfg.node_name,
+                    sysfs_root=self._sysfs_root,
+                    mig_hook=self._mig_hook(checkpoint, self.cfg.mig_mode),
+                )
+            except (NvmlError, DiscoveryError) as exc:
+                log.warning("discovery after recovery failed; retrying", error=str(exc))
+                continue
+            state.inventory = inventory
+            if self._publisher is not None:
+                self._publisher.update(inventory)
+            state.reconcile()
+            state.unavailable = None
+            log.info("checkpoint usable again; serving claims", path=str(checkpoint.path))
+            return
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
@@ -397,7 +496,9 @@ class Daemon:
             mps_enabled=cfg.gate("MPSSupport"),
         )
 
-    def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
+    def _device_state(
+        self, inventory: Inventory, checkpoint: CheckpointStore, sharing: SharingAction, ledger: Ledger
+    ) -> DeviceState:
         from cdi.store import CdiStore
         from driver.state import DeviceLocks, DeviceState, DriverRootEdits, default_actions
         from mig.manager import MigManager
@@ -423,8 +524,9 @@ class Daemon:
             # Cross-process GPU locks matter only when two instances overlap (rolling update).
             locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
             actions=default_actions(mig),
-            sharing=self._sharing(),
+            sharing=sharing,
             single_instance=cfg.pod_uid is None,
+            ledger=ledger,
         )
 
     def _connect_kube(self, future: Future[Kube]) -> None:

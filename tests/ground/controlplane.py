@@ -65,6 +65,7 @@ _PRE_136_GATES = (
     "DRADeviceTaints",
     "DRAPrioritizedList",
     "DRAConsumableCapacity",
+    "ResourceHealthStatus",  # the kubelet's allocatedResourcesStatus from the DRA health stream
 )
 # DeviceTaintRule has a gate of its own since 1.35 (split from DRADeviceTaints); on 1.36 it is
 # beta but off by default, and the seeds' DeviceTaintRule manifests need it.

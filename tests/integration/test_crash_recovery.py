@@ -37,6 +37,7 @@ from driver.nvml.fakestate import FakeState
 from driver.nvml.topology import load_topology
 from tests.ground.crashpoints import CLAIM_ENV, CRASH_ENV, REACHED
 from tests.ground.driverroot import make_fake_driver_root
+from tests.ground.longrun import scaled
 from tests.ground.standins import install_standins, read_journal
 
 DRIVER = "gpu.nvidia.com"
@@ -506,7 +507,8 @@ class Loop:
             self.acked[uid] = True
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.long
+@pytest.mark.parametrize("seed", range(1, scaled(3, 30) + 1))
 def test_full_gpu_state_survives_kill_9_at_random_moments(nodes: Callable[..., Node], seed: int) -> None:
     """Random SIGKILLs (start-up included) during a prepare/unprepare loop: the checkpoint always
     decodes, after restart the specs are exactly the completed claims, every claim the plugin

@@ -35,8 +35,9 @@ done_stamp() {
 }
 
 # k8s_module VER DIR [PKG...]: write DIR/go.mod (k8s.io/kubernetes VER, its staging modules at their
-# published tags, etcd at the server version Kubernetes itself requires) and DIR/cmd/etcd; `go get` the
-# control plane's commands plus PKG...; print the etcd version. Never `go mod tidy` this module: nothing
+# published tags, etcd at the server version Kubernetes itself requires) and DIR/cmd/etcd; `go get`
+# PKG... (default: the control plane's commands and etcd); print the etcd version. The versions
+# resolved depend on go.mod alone, so the kubelet's module matches the control plane's. Never `go mod tidy` this module: nothing
 # in it imports k8s.io/kubernetes, so tidy drops the pin and the next build resolves a newer release.
 k8s_module() {
   local ver=$1 dir=$2
@@ -67,9 +68,10 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GO
-  (cd "$dir" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
-    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" "$@" \
-    >"$dir/get.log" 2>&1) || { cat "$dir/get.log" >&2; exit 1; }
+  local pkgs=("$@")
+  [[ ${#pkgs[@]} -gt 0 ]] || pkgs=("k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver"
+    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver")
+  (cd "$dir" && go get "${pkgs[@]}" >"$dir/get.log" 2>&1) || { cat "$dir/get.log" >&2; exit 1; }
   echo "$etcd_ver"
 }
 
