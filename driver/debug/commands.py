@@ -858,7 +858,9 @@ def run_claims(args: argparse.Namespace, out: TextIO) -> int:
         for d in data
     ]
     text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "SHARING", "AGE"), rows, _style(args))
-    if view.problem:
+    if args.no_headers:
+        pass  # rows only, for scripts
+    elif view.problem:
         text += f"\ncheckpoint: PROBLEM: {view.problem}"
     elif view.exists:
         text += (
