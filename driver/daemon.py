@@ -16,7 +16,7 @@ Start-up, in this order:
    removed); then the gate opens (``plugin ready``);
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
 6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
-   :data:`SHUTDOWN_GRACE_S`, remove only our sockets, and exit without the interpreter's teardown
+   ``--shutdown-grace`` (5 s), remove only our sockets, and exit without the interpreter's teardown
    (a call still running past the grace is abandoned, exactly as kill -9 would: the checkpoint
    says ``PrepareStarted`` and the next start rolls it back).
 
@@ -50,7 +50,6 @@ from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.kubeletplugin.sockets import private_dir
-from driver.ownership import LEDGER_DIR, Ledger
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore, PreparedClaim
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
     from driver.kube import Kube
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
+    from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, ShareAction, SharingAction
     from driver.taints import DeviceTaints, TaintSync
@@ -70,8 +70,6 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: How long a kubelet call that arrives during start-up waits for discovery, reconcile and the
 #: API client before it gets a temporary error (the kubelet retries; its own call timeout is 45 s).
 STARTUP_WAIT_S = 30.0
-#: How long running kubelet calls may take to finish after SIGTERM.
-SHUTDOWN_GRACE_S = 5.0
 #: The main thread looks this often whether the plugin has gone quiet after some work ...
 QUIET_CHECK_S = 5.0
 #: ... and, once no kubelet call came for this long, hands the memory that work freed back.
@@ -200,19 +198,21 @@ class Daemon:
 
         self.gate.phase = "opening NVML"
         nvml = self._open_nvml()
-        if nvml is None:
+        if nvml is None or self.stop.is_set():
             return
         self.gate.phase = "loading the checkpoint"
         checkpoint, problem = self._checkpoint()
         self._mig_backend = self._mig(nvml)
         sharing = self._sharing()
+        from driver.ownership import LEDGER_DIR, Ledger
+
         ledger = Ledger(cfg.state_dir / LEDGER_DIR)
         if problem is None and self._lost:
             self.gate.phase = "rebuilding what the plugin owns after a lost checkpoint"
             problem = self._rebuild(nvml, checkpoint, ledger, sharing)
         self.gate.phase = "discovering GPUs"
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
-        if inventory is None:
+        if inventory is None or self.stop.is_set():
             return
         inventory = self._offer_shares(inventory)
         self._checkpoint_store = checkpoint
@@ -237,7 +237,16 @@ class Daemon:
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
-            self._start_publisher(_need(kube_future).result(), inventory)
+            kube = self._wait_for(_need(kube_future))
+            if kube is not None:
+                self._start_publisher(kube, inventory)
+
+    def _wait_for(self, future: Future[Kube]) -> Kube | None:
+        """The API client once loaded; None if a stop signal comes first (no wait past SIGTERM)."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                return future.result(0.05)
+        return None
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
@@ -665,7 +674,7 @@ class Daemon:
         self.gate.close()
         monitor_done = self._health.close()
         if self.plugin is not None:
-            self.plugin.stop(SHUTDOWN_GRACE_S)
+            self.plugin.stop(self.cfg.shutdown_grace_s)
         closers = list(reversed(self._closers))
         # NVML goes last, and only once the health monitor no longer sits in an NVML event
         # wait: shutting NVML down under it is undefined, and the process ends in a moment anyway.
