@@ -192,9 +192,12 @@ class Metrics:
             hist.labels(name).observe(seconds)
 
     def started(self, op: str) -> None:
+        """A claim's prepare/unprepare began (the ``RequestObserver`` side)."""
         self.inflight.labels(self.driver, op).inc()
 
-    def finished(self, op: str, seconds: float, error: BaseException | None) -> None:
+    def finished(
+        self, op: str, ref: object, seconds: float, error: BaseException | None, message: str = ""
+    ) -> None:
         self.inflight.labels(self.driver, op).dec()
         if error is None:
             self.requests.labels(self.driver, op).inc()

@@ -84,13 +84,13 @@ def test_requests_stages_and_errors_are_counted(registry: m.Metrics) -> None:
             pass
         with m.stage("lock_wait"):
             pass
-        registry.finished("prepare", 0.003, None)
+        registry.finished("prepare", None, 0.003, None)
     with m.stage("cdi_write"):  # outside an operation: not recorded
         pass
     registry.started("prepare")
-    registry.finished("prepare", 0.5, LockBusyError("busy"))
+    registry.finished("prepare", None, 0.5, LockBusyError("busy"))
     registry.started("unprepare")
-    registry.finished("unprepare", 0.5, PermanentClaimError("bad"))
+    registry.finished("unprepare", None, 0.5, PermanentClaimError("bad"))
     got = samples(registry)
     labels = (("driver", "gpu.nvidia.com"), ("operation", "prepare"))
     assert got[("nvidia_dra_requests_total", labels)] == 1
