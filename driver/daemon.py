@@ -445,7 +445,6 @@ class Daemon:
             self.cfg.driver_name,
             on_dropped_fields=self._fields_dropped,
             taintable=self._taint_sync is not None,
-            on_sync=self._slice_synced,
         )
         if self._taint_sync is not None:
             publisher.set_taints(self._taint_sync.current)
@@ -486,6 +485,7 @@ class Daemon:
                     published=lambda: [d.kind for d in state.inventory.devices],
                     prepared=lambda: [[d.kind for d in c.devices] for c in state.prepared_claims()],
                     mps_daemons=lambda: mps.running,
+                    publishing=self._publish_stats,
                 )
                 metrics.install()
                 metrics.serve(cfg.metrics_port)
@@ -510,9 +510,9 @@ class Daemon:
         if self._events is not None:
             self._events.taints_changed(changes)
 
-    def _slice_synced(self, error: Exception | None) -> None:
-        if self._metrics is not None:
-            self._metrics.slice_sync(error)
+    def _publish_stats(self) -> tuple[int, dict[str, int]]:
+        publisher = self._publisher
+        return (0, {}) if publisher is None else (publisher.sync_attempts, dict(publisher.sync_errors))
 
     def _fields_dropped(self, fields: Sequence[str]) -> None:
         """The API server did not keep partitionable-device fields: fall back to static MIG, once.

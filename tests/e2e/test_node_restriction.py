@@ -318,11 +318,11 @@ def _verb_calls(
 
     def event() -> None:
         plugin.create_event(
-            ground.ns,
+            "default",  # Events about a cluster-scoped object live in default
             {
                 "apiVersion": "events.k8s.io/v1",
                 "kind": "Event",
-                "metadata": {"generateName": "rbac-check."},
+                "metadata": {"generateName": "rbac-check-"},
                 "eventTime": "2026-01-01T00:00:00.000000Z",
                 "reportingController": "gpu.nvidia.com/kubelet-plugin",
                 "reportingInstance": f"gpu.nvidia.com/kubelet-plugin-{ground.node_a}",
