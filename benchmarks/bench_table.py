@@ -208,8 +208,23 @@ class Credentials:
         return PluginProcess(proc, log_path, node, started)
 
 
+def precompile(tree: Path) -> None:
+    """Byte-compile the plugin's packages, as pip does when the image installs the wheel.
+
+    The image runs with PYTHONDONTWRITEBYTECODE=1 and bytecode compiled at install time; a source
+    tree run with that variable set (as sessions here are) would compile every module on every
+    start instead, which is no part of what users run.
+    """
+    packages = [name for name in ("driver", "cdi", "mig", "sharing") if (tree / name).is_dir()]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *packages], cwd=tree, check=True)
+
+
 def in_cluster_possible() -> bool:
-    return os.geteuid() == 0 and shutil.which("unshare") is not None
+    """Whether a private mount namespace with a tmpfs over /run can be made here (root, unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /run"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
 
 
 def make_credentials(mode: str, cp: Any, workdir: Path) -> Credentials:
@@ -562,6 +577,7 @@ def main() -> None:
         f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     f = Figures()
+    precompile(args.plugin_tree.resolve())
     work = Path(tempfile.mkdtemp(prefix="gdt-", dir="/tmp"))
     try:
         with control_plane(NODE, NAMESPACE) as cp, fake_node(NODE) as node:

@@ -189,12 +189,24 @@ def mig_edits(
     """Edits of one MIG device: the parent GPU's node plus its GI and CI capability nodes.
 
     The capability nodes' minors and modes come from ``<proc_root>/driver/nvidia/capabilities``
-    and their major from ``<proc_root>/devices``; they need not exist on the host.
+    and their major from ``<proc_root>/devices``; they need not exist on the host. Their
+    ``hostPath`` lies under the same dev root as the GPU node's, so a spec never mixes the dev
+    root's nodes with the host's own ``/dev``.
     """
     parent = gpu_edits(dev_root, parent_minor, host_dev_root=host_dev_root)
     major = char_major(proc_root, "nvidia-caps")
     caps = read_mig_caps(proc_root, parent_minor, gi_id, ci_id)
-    cap_nodes = tuple(
-        DeviceNode(path=cap.node, type="c", major=major, minor=cap.minor, file_mode=cap.mode) for cap in caps
-    )
-    return ContainerEdits(device_nodes=parent.device_nodes + cap_nodes)
+    cap_nodes = []
+    for cap in caps:
+        on_host = host_path(node_path(dev_root, cap.node), dev_root, host_dev_root)
+        cap_nodes.append(
+            DeviceNode(
+                path=cap.node,
+                host_path=on_host if on_host != cap.node else None,
+                type="c",
+                major=major,
+                minor=cap.minor,
+                file_mode=cap.mode,
+            )
+        )
+    return ContainerEdits(device_nodes=parent.device_nodes + tuple(cap_nodes))

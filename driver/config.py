@@ -38,6 +38,15 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     "DRAListTypeAttributes": False,
 }
 
+#: Gates NVIDIA's chart knows that this build does not implement: accepted as false (so a values
+#: file written for that chart keeps working), refused as true, because a gate that is silently
+#: ignored makes an operator believe a feature is on.
+UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
+    "PassthroughSupport": "VFIO passthrough of whole GPUs",
+    "DRAListTypeAttributes": "list-typed device attributes",
+    "ConsumableShares": "consumable GPU shares",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -113,7 +122,10 @@ class Config:
     """KUBERNETES_SERVICE_HOST is set: service-account credentials are available when no kubeconfig is."""
 
     healthcheck_port: int = -1
-    """TCP port of the gRPC health service on localhost; -1 disables it, 0 picks a free port."""
+    """TCP port of the gRPC health service; -1 disables it, 0 picks a free port."""
+
+    healthcheck_address: str = "127.0.0.1"
+    """Address the health service listens on; the chart sets the pod IP (kubelet grpc probes)."""
 
     feature_gates: Mapping[str, bool] = field(default_factory=lambda: dict(KNOWN_FEATURE_GATES))
     """Feature gate values (defaults filled in)."""
@@ -204,7 +216,13 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--namespace", ("POD_NAMESPACE", "NAMESPACE"), "Namespace the plugin runs in.", "default"),
     _Flag("--mps-root", ("MPS_ROOT",), "Host directory for MPS pipes and logs.", "/run/nvidia/mps"),
     _Flag("--nvidia-cdi-hook-path", ("NVIDIA_CDI_HOOK_PATH",), "Host path of nvidia-cdi-hook."),
-    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health port on localhost (-1: off).", "-1"),
+    _Flag("--healthcheck-port", ("HEALTHCHECK_PORT",), "gRPC health service port (-1: off).", "-1"),
+    _Flag(
+        "--healthcheck-address",
+        ("HEALTHCHECK_ADDRESS",),
+        "Address the gRPC health service listens on (the chart: the pod IP, for the kubelet's grpc probes).",
+        "127.0.0.1",
+    ),
     _Flag("--feature-gates", ("FEATURE_GATES",), "Feature gates, e.g. MPSSupport=true,DynamicMIG=false.", ""),
     _Flag(
         "--mig-mode", ("MIG_MODE",), "How MIG-capable GPUs are published.", "dynamic", ("dynamic", "static")
@@ -242,22 +260,32 @@ _FLAGS: tuple[_Flag, ...] = (
 )
 
 
-def add_plugin_flags(parser: argparse.ArgumentParser) -> None:
-    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later)."""
+def add_plugin_flags(
+    parser: argparse.ArgumentParser, *, hidden: bool = False, skip: Sequence[str] = ()
+) -> None:
+    """Add every ``gpu-dra plugin`` flag to ``parser`` (environment twins are applied later).
+
+    The debug commands take them ``hidden`` (accepted, not in their help, which shows only the
+    command's own flags) and ``skip`` those they define themselves.
+    """
     for spec in _FLAGS:
+        if spec.flag in skip:
+            continue
         env_help = " / ".join(spec.env)
         default_help = f" Default: {spec.default}." if spec.default else ""
         parser.add_argument(
             spec.flag,
             default=None,
             choices=spec.choices,
-            help=f"{spec.help}{default_help} Env: {env_help}.",
+            help=argparse.SUPPRESS if hidden else f"{spec.help}{default_help} Env: {env_help}.",
         )
     parser.add_argument(
         "--no-publish",
         action="store_true",
         default=None,
-        help="Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
+        help=argparse.SUPPRESS
+        if hidden
+        else "Do not publish ResourceSlices (tests and demos without an API server). Env: NO_PUBLISH=true.",
     )
 
 
@@ -336,7 +364,11 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         ) from None
     from driver.health import parse_xid_list
 
-    no_publish = bool(ns.no_publish) or environ.get("NO_PUBLISH", "").lower() in ("1", "true", "yes")
+    no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
     driver_root = Path(v["driver_root"] or "/")
     return Config(
         node_name=v["node_name"] or "",
@@ -363,6 +395,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         nvidia_cdi_hook_path=path("nvidia_cdi_hook_path"),
         in_cluster=bool(environ.get("KUBERNETES_SERVICE_HOST")),
         healthcheck_port=port,
+        healthcheck_address=v["healthcheck_address"] or "127.0.0.1",
         feature_gates=parse_feature_gates(v["feature_gates"] or ""),
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
@@ -482,11 +515,11 @@ def _api_problems(cfg: Config) -> list[str]:
 
 def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
     # MIG and MPS combine here (NVIDIA's driver refuses DynamicMIG with MPSSupport).
-    exclusive = (("DynamicMIG", "PassthroughSupport"),)
     return [
-        f"--feature-gates / FEATURE_GATES: {a} and {b} cannot both be enabled; disable one"
-        for a, b in exclusive
-        if gates.get(a) and gates.get(b)
+        f"--feature-gates / FEATURE_GATES: {name}=true is not implemented by gpu-dra ({what}); "
+        f"remove it or set {name}=false (chart: plugin.featureGates.{name})"
+        for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
+        if gates.get(name)
     ]
 
 

@@ -72,8 +72,10 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 STARTUP_WAIT_S = 30.0
 #: How long running kubelet calls may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 5.0
-#: After this long the start-up work (first slice publication included) is normally done.
-STARTUP_SETTLE_S = 10.0
+#: The main thread looks this often whether the plugin has gone quiet after some work ...
+QUIET_CHECK_S = 5.0
+#: ... and, once no kubelet call came for this long, hands the memory that work freed back.
+QUIET_AFTER_S = 5.0
 CHECKPOINT_FILE = "checkpoint.json"
 #: argv prefix that starts an MPS control daemon in the host's namespaces, in a scope of its own.
 MPS_HOST_LAUNCHER = (
@@ -106,6 +108,18 @@ class Backoff:
             delay = min(self.cap, delay * 2)
 
 
+class Activity:
+    """How many kubelet calls reached the device state, and when the last one did."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.calls += 1  # a lost increment under a race only delays one memory release
+        self.last = time.monotonic()
+
+
 @dataclass
 class Daemon:
     """One run of the plugin; :meth:`run` blocks until ``stop`` is set."""
@@ -130,14 +144,14 @@ class Daemon:
     _metrics: Metrics | None = None
     _events: EventRecorder | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
+    activity: Activity = field(default_factory=Activity)
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
 
     def run(self) -> int:
         """Start everything, wait for a stop signal, shut down; return the exit code."""
         try:
             self._start()
-            if not self.stop.is_set():
-                self.stop.wait()
+            self._serve_until_stopped()
             log.info("stopping")
             return 0
         except DriverError as exc:
@@ -145,6 +159,16 @@ class Daemon:
             return 1
         finally:
             self._shutdown()
+
+    def _serve_until_stopped(self) -> None:
+        """Wait for SIGTERM/SIGINT; meanwhile, after start-up and after each spell of kubelet calls,
+        hand the memory that work freed back once the plugin has been quiet for a while."""
+        released_at = -1
+        while not self.stop.wait(QUIET_CHECK_S):
+            calls, last = self.activity.calls, self.activity.last
+            if calls != released_at and time.monotonic() - last >= QUIET_AFTER_S:
+                release_freed_memory()
+                released_at = calls
 
     def _start(self) -> None:
         cfg = self.cfg
@@ -167,7 +191,7 @@ class Daemon:
             cfg.driver_name,
             cfg.pod_uid,
         )
-        self._service = DraService(_GatedPreparer(self.gate), source)
+        self._service = DraService(_GatedPreparer(self.gate, self.activity), source)
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
@@ -207,14 +231,11 @@ class Daemon:
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
-            health = HealthServer(paths, cfg.healthcheck_port)
+            health = HealthServer(paths, cfg.healthcheck_port, cfg.healthcheck_address)
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
             self._start_publisher(_need(kube_future).result(), inventory)
-        settled = threading.Timer(STARTUP_SETTLE_S, release_startup_memory)
-        settled.daemon = True
-        settled.start()
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
@@ -362,13 +383,10 @@ class Daemon:
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
-        from driver.state import NoSharing
         from sharing.mps import MpsManager
         from sharing.timeslicing import TimeSlicer
 
         cfg = self.cfg
-        if not (cfg.gate("TimeSlicingSettings") or cfg.gate("MPSSupport")):
-            return NoSharing(cfg.driver_name)
         root = cfg.container_driver_root
         env: dict[str, str] = {}
         launcher: tuple[str, ...] = ()
@@ -394,6 +412,8 @@ class Daemon:
                 launcher=launcher,
                 daemon_binary=daemon_binary,
             ),
+            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
+            mps_enabled=cfg.gate("MPSSupport"),
         )
 
     def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
@@ -591,11 +611,12 @@ class Daemon:
         return self.stop_requested_at if self.stop_requested_at is not None else time.monotonic()
 
 
-def release_startup_memory() -> None:
-    """Collect start-up's garbage and hand the freed heap back to the kernel, once.
+def release_freed_memory() -> None:
+    """Collect garbage and hand the freed heap back to the kernel.
 
-    Imports, the topology and the first publication leave freed blocks that glibc keeps for
-    reuse; an idle daemon never reuses them, so they are ~3 MiB of resident memory for nothing.
+    Start-up (imports, the topology, the first publication) and bursts of calls (claim JSON,
+    specs, TLS buffers) leave freed blocks that glibc keeps for reuse; an idle daemon does not
+    reuse them, so they would stay resident (~3 MiB after start-up) for nothing.
     """
     import ctypes
     import gc
@@ -653,14 +674,21 @@ class StartupGate:
 class _GatedPreparer:
     """The kubelet's calls go to the device state once the start-up gate opens."""
 
-    def __init__(self, gate: StartupGate) -> None:
+    def __init__(self, gate: StartupGate, activity: Activity) -> None:
         self._gate = gate
+        self._activity = activity
 
     def prepare(self, claim: Claim) -> Sequence[ReplyDevice]:
-        return self._gate.state().prepare(claim)
+        try:
+            return self._gate.state().prepare(claim)
+        finally:
+            self._activity.touch()
 
     def unprepare(self, ref: ClaimRef) -> None:
-        self._gate.state().unprepare(ref)
+        try:
+            self._gate.state().unprepare(ref)
+        finally:
+            self._activity.touch()
 
 
 class _Observers:

@@ -15,7 +15,8 @@ Every error says what is wrong and what a person can do about it::
     ├── SliceValidationError            a ResourceSlice we built breaks an API limit
     └── ApiError                        the API server said no (status and reason kept)
         ├── ApiNotFoundError
-        └── ApiConflictError
+        ├── ApiConflictError
+        └── ApiBodyError                the answer cannot be decoded safely (retrying cannot help)
 
 Modules outside ``driver/`` (cdi, mig, sharing) keep their own small trees; ``driver.state``
 maps them to ClaimError at the claim boundary.
@@ -102,3 +103,8 @@ class ApiNotFoundError(ApiError):
 
 class ApiConflictError(ApiError):
     """The object changed or already exists; re-read and retry."""
+
+
+class ApiBodyError(ApiError):
+    """The server's answer is JSON the driver refuses to decode (nested too deep); the object
+    itself must be fixed, so retrying will not help."""

@@ -28,7 +28,7 @@ from driver.kubeletplugin.claims import Claim
 from driver.metrics import stage
 from driver.state import SharingOutcome, config_groups
 from mig.spec import MigLive
-from sharing.config import ConfigGroup
+from sharing.config import STRATEGY_MPS, STRATEGY_TIME_SLICING, ConfigGroup
 from sharing.errors import ConfigError as SharingConfigError
 from sharing.errors import SharingError
 from sharing.mps import MpsManager, mps_group_id
@@ -43,10 +43,38 @@ MPS = "mps"
 class GpuSharing:
     """Applies and undoes a claim's time-slicing and MPS settings."""
 
-    def __init__(self, driver_name: str, timeslicer: TimeSlicer, mps: MpsManager) -> None:
+    def __init__(
+        self,
+        driver_name: str,
+        timeslicer: TimeSlicer,
+        mps: MpsManager,
+        *,
+        time_slicing_enabled: bool = True,
+        mps_enabled: bool = True,
+    ) -> None:
         self._driver = driver_name
         self._timeslicer = timeslicer
         self._mps = mps
+        self._gated_off = {
+            strategy: gate
+            for strategy, gate, enabled in (
+                (STRATEGY_TIME_SLICING, "TimeSlicingSettings", time_slicing_enabled),
+                (STRATEGY_MPS, "MPSSupport", mps_enabled),
+            )
+            if not enabled
+        }
+
+    def _check_gates(self, groups: Sequence[ConfigGroup]) -> None:
+        """Refuse, before anything starts, a strategy whose feature gate is off on this node."""
+        for group in groups:
+            sharing = group.sharing
+            gate = self._gated_off.get(sharing.strategy) if sharing is not None else None
+            if sharing is not None and gate is not None:
+                raise PermanentClaimError(
+                    f"sharing strategy {sharing.strategy} is turned off on this node by feature gate "
+                    f"{gate}=false; remove the sharing config from the claim, or enable the gate "
+                    f"(--feature-gates / FEATURE_GATES {gate}=true, chart: plugin.featureGates.{gate})"
+                )
 
     def apply(
         self,
@@ -72,6 +100,7 @@ class GpuSharing:
             TemporaryClaimError: a tool failed or a daemon did not answer in time.
         """
         groups = config_groups(claim, devices, self._driver)
+        self._check_gates(groups)
         by_name = {d.name: d for d in devices}
         records: list[dict[str, Any]] = []
         edits: dict[str, ContainerEdits] = {}
@@ -93,6 +122,34 @@ class GpuSharing:
             self.undo(claim_uid, records)
             raise
         return SharingOutcome(records=tuple(records), edits=edits)
+
+    def check(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> None:
+        """Decode every config group and fit it to its devices, changing nothing.
+
+        The checks :meth:`apply` makes before each change, made for all groups up front: MIG
+        devices not created yet stand in with placeholder UUIDs (their memory is known).
+
+        Raises:
+            PermanentClaimError: a config is invalid or does not fit these devices.
+        """
+        groups = config_groups(claim, devices, self._driver)
+        by_name = {d.name: d for d in devices}
+        try:
+            for group in groups:
+                config = group.config
+                members = [by_name[str(r.get("device"))] for r in group.results if r.get("device") in by_name]
+                mps = None if config is None else config.mps()
+                if mps is None or not members:
+                    continue
+                uuids = [_checked_uuid(d) for d in members]
+                self._mps.check(
+                    uuids,
+                    mps,
+                    {_checked_uuid(d): int(d.capacity.get("memory", 0)) for d in members},
+                    {_checked_uuid(d): _capability(d) for d in members},
+                )
+        except SharingConfigError as exc:
+            raise PermanentClaimError(f"sharing config does not fit the allocated devices: {exc}") from exc
 
     def _apply_group(
         self,
@@ -161,6 +218,15 @@ def _sharing_uuid(device: AllocatableDevice, live: Mapping[str, MigLive]) -> str
     if created is None:
         raise PermanentClaimError(f"MIG device {device.name} has no instance to run MPS on")
     return created.mig_uuid
+
+
+def _checked_uuid(device: AllocatableDevice) -> str:
+    """The UUID MPS will address, or a stand-in for a MIG device that does not exist yet."""
+    if device.kind == "gpu":
+        return device.gpu_uuid
+    if device.mig_live is not None:
+        return device.mig_live.mig_uuid
+    return f"MIG-pending-{device.name}"
 
 
 def _capability(device: AllocatableDevice) -> tuple[int, int]:

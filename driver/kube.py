@@ -34,18 +34,21 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 import structlog
 
-from driver.errors import ApiConflictError, ApiError, ApiNotFoundError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiConflictError, ApiError, ApiNotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -226,11 +229,73 @@ def _client_modules() -> tuple[Any, Any]:
     return configuration, rest
 
 
-def load_configuration(kubeconfig: Path | None) -> Any:
-    """A ``kubernetes.client.Configuration`` from ``kubeconfig``, or the pod's service account when None.
+class CredentialsError(ApiError):
+    """No usable Kubernetes credentials: no kubeconfig found, unreadable, or no such context."""
+
+
+def user_agent() -> str:
+    """``gpu-dra/<version>``: what our requests call themselves in API server logs and audit."""
+    from driver import version
+
+    return f"gpu-dra/{version()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where a command's Kubernetes credentials come from (see :func:`resolve_credentials`)."""
+
+    kubeconfig: str | None
+    """A kubeconfig path or a ``:``-separated list; None means the in-cluster service account."""
+
+    source: str
+    """How it was found: ``--kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or ``in-cluster``."""
+
+    context: str | None = None
+
+
+def resolve_credentials(
+    flag: str | None,
+    context: str | None = None,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Credentials:
+    """kubectl's and helm's order: ``--kubeconfig``, then ``$KUBECONFIG``, then
+    ``~/.kube/config``, then the pod's service account (in-cluster).
 
     Raises:
-        ApiError: the credentials cannot be loaded; the message says what to fix.
+        CredentialsError: none of them is there; the message lists what was tried.
+    """
+    environ = os.environ if env is None else env
+    if flag:
+        return Credentials(flag, "--kubeconfig", context)
+    listed = environ.get("KUBECONFIG", "")
+    if any(p for p in listed.split(os.pathsep)):
+        return Credentials(listed, "$KUBECONFIG", context)
+    default = (home if home is not None else Path(environ.get("HOME") or Path.home())) / ".kube" / "config"
+    if default.is_file():
+        return Credentials(str(default), "~/.kube/config", context)
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        if context:
+            raise CredentialsError(
+                f"--context {context!r} needs a kubeconfig, and none was found (in a pod the service "
+                "account is used); pass --kubeconfig or drop --context",
+                reason="ConfigInvalid",
+            )
+        return Credentials(None, "in-cluster", None)
+    raise CredentialsError(
+        "no Kubernetes credentials: pass --kubeconfig, set $KUBECONFIG, create ~/.kube/config "
+        f"(looked at {default}), or run this in the plugin's pod",
+        reason="ConfigInvalid",
+    )
+
+
+def load_configuration(kubeconfig: Path | str | None, context: str | None = None) -> Any:
+    """A ``kubernetes.client.Configuration`` from ``kubeconfig`` (a file, or a ``:``-separated
+    list merged as kubectl does), or the pod's service account when None; ``context`` picks a
+    context other than the kubeconfig's current one.
+
+    Raises:
+        CredentialsError: the credentials cannot be loaded; the message says what to fix.
     """
     configuration_module, _ = _client_modules()
     configuration = configuration_module.Configuration()
@@ -254,11 +319,14 @@ def load_configuration(kubeconfig: Path | None) -> Any:
                 )
             except ImportError:
                 from kubernetes.config import kube_config
-            kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+            kube_config.load_kube_config(
+                config_file=str(kubeconfig), context=context, client_configuration=configuration
+            )
     except Exception as exc:
         where = "the in-cluster service account" if kubeconfig is None else f"kubeconfig {kubeconfig}"
-        raise ApiError(
-            f"cannot load Kubernetes credentials from {where}: {exc}; "
+        what = f" (context {context!r})" if context else ""
+        raise CredentialsError(
+            f"cannot load Kubernetes credentials from {where}{what}: {str(exc).rstrip('.')}; "
             "pass --kubeconfig with a readable file, or run in a pod with a service account",
             reason="ConfigInvalid",
         ) from exc
@@ -379,9 +447,16 @@ class Kube:
         self._version_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, kubeconfig: Path | None, request_timeout_s: float = 10.0) -> Kube:
-        """A client from a kubeconfig file, or the pod's service account when ``kubeconfig`` is None."""
-        return cls(RestTransport(load_configuration(kubeconfig)), request_timeout_s=request_timeout_s)
+    def from_config(
+        cls, kubeconfig: Path | str | None, request_timeout_s: float = 10.0, *, context: str | None = None
+    ) -> Kube:
+        """A client from a kubeconfig, or the pod's service account when ``kubeconfig`` is None.
+
+        Every request carries the user agent ``gpu-dra/<version>``, so API server logs and audit
+        name us.
+        """
+        transport = RestTransport(load_configuration(kubeconfig, context), user_agent())
+        return cls(transport, request_timeout_s=request_timeout_s)
 
     # -- raw requests ---------------------------------------------------------------------------
 
@@ -409,7 +484,9 @@ class Kube:
         )
         data = response.data
         try:
-            decoded = json.loads(data) if data else {}
+            decoded = boundedjson.loads(data) if data else {}
+        except boundedjson.JsonTooDeepError as exc:
+            raise ApiBodyError(f"{method} {path} returned {exc}", reason="TooDeep") from exc
         except ValueError as exc:
             raise ApiError(f"{method} {path} returned a body that is not JSON: {data[:200]!r}") from exc
         if not isinstance(decoded, dict):
@@ -729,11 +806,17 @@ def normalise_claim(claim: JsonDict, version: str, *, in_place: bool = False) ->
     fields flat instead of under ``exactly``, which is rewrapped here. ``in_place`` reshapes the
     given dict itself (a response just decoded: copying it would be the GET's costliest step).
     """
-    out = claim if in_place else copy.deepcopy(claim)
+    # Otherwise shallow copies of what is rewritten: a deep copy would recurse through
+    # user-written opaque parameters of any depth.
+    out = claim if in_place else dict(claim)
     out["apiVersion"] = f"{RESOURCE_GROUP}/v1"
     out.setdefault("kind", "ResourceClaim")
     if version == "v1beta1":
-        devices = (out.get("spec") or {}).get("devices") or {}
+        spec = dict(out.get("spec") or {})
+        devices = dict(spec.get("devices") or {})
+        if "spec" in out:
+            spec["devices"] = devices
+            out["spec"] = spec
         requests = []
         for request in devices.get("requests") or []:
             if "firstAvailable" in request or "exactly" in request:

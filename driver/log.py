@@ -30,6 +30,7 @@ def configure(log_format: str = "console", level: str = "info") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            cap_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -41,6 +42,32 @@ def configure(log_format: str = "console", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [_ToStructlog()]
     root.setLevel(max(numeric, logging.INFO))
+
+
+#: Longest text one log field may carry (a traceback gets more); the rest is cut and counted.
+MAX_FIELD_CHARS = 4096
+MAX_EXCEPTION_CHARS = 16384
+
+
+def cap_values(
+    _logger: object, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Cut over-long text fields so one log line stays bounded whatever a claim carried.
+
+    A user's config once produced a 363 KB traceback line per kubelet retry; the start and the
+    length of such a field are what a reader needs.
+    """
+    for key, value in event_dict.items():
+        if not isinstance(value, str):
+            continue
+        limit = MAX_EXCEPTION_CHARS if key == "exception" else MAX_FIELD_CHARS
+        if len(value) > limit:
+            event_dict[key] = _cut(value, limit)
+    return event_dict
+
+
+def _cut(text: str, limit: int) -> str:
+    return f"{text[:limit]}... [cut: {len(text)} characters in all]"
 
 
 class _CurrentStderr:

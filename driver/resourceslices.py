@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 JsonDict = dict[str, Any]
 
 API_VERSION = "resource.k8s.io/v1"
+#: How long a watch event waits for our own write's response to tell an echo from a change.
+ECHO_WAIT_S = 15.0
 
 # Limits of resource.k8s.io/v1 (Kubernetes 1.36 types.go), see kubelet-dra-protocol.md 4.
 MAX_DEVICES_PER_SLICE = 128
@@ -118,8 +120,38 @@ def encode_attribute(value: AttributeValue) -> JsonDict:
     return {"string": value}
 
 
+_BINARY_STEPS = (
+    ("Ei", 1024**6),
+    ("Pi", 1024**5),
+    ("Ti", 1024**4),
+    ("Gi", 1024**3),
+    ("Mi", 1024**2),
+    ("Ki", 1024),
+)
+_DECIMAL_STEPS = (("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("k", 10**3))
+
+
+def canonical_quantity(value: int, binary: bool = True) -> str:
+    """``value`` as the API server writes a quantity of that format: ``40Gi``, ``4864Mi``, ``1k``.
+
+    Bytes are binary quantities (``resource.BinarySI``, what NVIDIA's driver publishes), counts
+    decimal ones; the largest suffix that divides the value exactly wins, as in Kubernetes'
+    canonical form, so ``kubectl get resourceslices -o yaml`` shows what people expect.
+    """
+    if value == 0:
+        return "0"
+    for suffix, step in _BINARY_STEPS if binary else _DECIMAL_STEPS:
+        if value % step == 0:
+            return f"{value // step}{suffix}"
+    return str(value)
+
+
+def _quantity(name: str, value: int) -> JsonDict:
+    return {"value": canonical_quantity(value, binary=name == "memory")}
+
+
 def _counters(values: Mapping[str, int]) -> JsonDict:
-    return {name: {"value": str(values[name])} for name in sorted(values, key=natural_key)}
+    return {name: _quantity(name, values[name]) for name in sorted(values, key=natural_key)}
 
 
 def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> JsonDict:
@@ -131,7 +163,7 @@ def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> Json
     if device.attributes:
         out["attributes"] = {k: encode_attribute(device.attributes[k]) for k in sorted(device.attributes)}
     if device.capacity:
-        out["capacity"] = {k: {"value": str(device.capacity[k])} for k in sorted(device.capacity)}
+        out["capacity"] = {k: _quantity(k, device.capacity[k]) for k in sorted(device.capacity)}
     if device.consumes_counters:
         out["consumesCounters"] = [
             {"counterSet": c.counter_set, "counters": _counters(c.counters)} for c in device.consumes_counters
@@ -1022,6 +1054,9 @@ class SlicePublisher:
         self._reported_dropped: set[str] = set()
         self._partitionable_probed = False
         self._own_versions: set[str] = set()  # resourceVersions our writes produced
+        # Writes sent and not yet answered: the watch may deliver a write's event before its
+        # response arrives, and must then wait for the response to tell an echo from a change.
+        self._writes_in_flight = 0
         self._own_deletes: set[str] = set()  # uids we deleted
         self._watch: SliceWatchHandle | None = None
         self._threads: list[threading.Thread] = []
@@ -1243,15 +1278,17 @@ class SlicePublisher:
             body["metadata"].pop("managedFields", None)
             keep_time_added(existing, body)
             self._api_writes += 1
-            result = self._kube.update_slice(body)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.update_slice(body)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice updated", slice=result["metadata"].get("name"), generation=plan.generation
             )
         for wanted in plan.creates:
             self._api_writes += 1
-            result = self._kube.create_slice(wanted)
-            self._remember_write(wanted, result)
+            with self._writing():
+                result = self._kube.create_slice(wanted)
+                self._remember_write(wanted, result)
             log.info(
                 "resource slice created",
                 slice=result["metadata"].get("name"),
@@ -1319,6 +1356,17 @@ class SlicePublisher:
         want = _fingerprint(comparable_spec(desired))
         return have in (want, self._adopted.get(want))
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writes_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writes_in_flight -= 1
+                self._cond.notify_all()
+
     def _remember_write(self, sent: JsonDict, stored: JsonDict) -> None:
         with self._cond:
             if len(self._own_versions) > 1000:
@@ -1359,6 +1407,12 @@ class SlicePublisher:
                     return True
                 return False
             version = str(metadata.get("resourceVersion", ""))
+            # Our own create/update may still be waiting for its response (the watch is faster);
+            # once no write is in flight, the versions we caused are all known.
+            self._cond.wait_for(
+                lambda: version in self._own_versions or self._writes_in_flight == 0 or self._stopping,
+                timeout=ECHO_WAIT_S,
+            )
             if version in self._own_versions:
                 self._own_versions.discard(version)
                 return True

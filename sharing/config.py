@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -46,6 +47,30 @@ _QUANTITY_RE = re.compile(r"^([+-]?)(\d+(?:\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[num
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _QUANTITY_HELP = "a Kubernetes quantity such as 5Gi, 512Mi, 4G, 1e9 or 1073741824"
+#: Kubernetes' own quantity parser refuses long numbers too; no real quantity is this long.
+MAX_QUANTITY_CHARS = 64
+
+# Bounds on a whole opaque config, checked before any field (the schema is at most 4 levels deep,
+# strings are enum values, UUIDs and quantities): they keep a hostile config from reaching Python's
+# own limits, whose messages ("Exceeds the limit (4300 digits)", RecursionError) help nobody.
+MAX_DEPTH = 8
+MAX_STRING_CHARS = 1024
+MAX_FIELDS = 256
+MAX_INT_BITS = 64
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlevel = 3
+_REPR.maxdict = 4
+_REPR.maxlist = 4
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` cut short: a message must stay readable whatever the user wrote."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        return f"<a number of about {int(value.bit_length() * 0.30103)} digits>"
+    return _REPR.repr(value)
 
 
 def parse_quantity(value: object, path: str = "") -> Fraction:
@@ -55,16 +80,24 @@ def parse_quantity(value: object, path: str = "") -> Fraction:
         ConfigError: the value is not a quantity; the message names ``path``.
     """
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(path, f"expected {_QUANTITY_HELP}, got {type(value).__name__} {value!r}")
+        raise ConfigError(path, f"expected {_QUANTITY_HELP}, got {type(value).__name__} {_shown(value)}")
     if isinstance(value, int):
+        if value.bit_length() > MAX_INT_BITS * 2:
+            raise ConfigError(path, f"{_shown(value)} is far too large for {_QUANTITY_HELP}")
         return Fraction(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ConfigError(path, f"expected {_QUANTITY_HELP}, got {value!r}")
+            raise ConfigError(path, f"expected {_QUANTITY_HELP}, got {_shown(value)}")
         return Fraction(value)
+    if len(value) > MAX_QUANTITY_CHARS:
+        raise ConfigError(
+            path,
+            f"{_shown(value)} is {len(value)} characters long; a quantity has at most "
+            f"{MAX_QUANTITY_CHARS} - use {_QUANTITY_HELP}",
+        )
     match = _QUANTITY_RE.match(value.strip())
     if match is None or value != value.strip():
-        raise ConfigError(path, f"{value!r} is not {_QUANTITY_HELP}")
+        raise ConfigError(path, f"{_shown(value)} is not {_QUANTITY_HELP}")
     sign, number, suffix = match.group(1), match.group(2), match.group(3) or ""
     amount = Fraction(number)
     if suffix in _BINARY:
@@ -74,7 +107,7 @@ def parse_quantity(value: object, path: str = "") -> Fraction:
     else:  # decimal exponent: e3, E-2
         exponent = int(suffix[1:])
         if abs(exponent) > 64:
-            raise ConfigError(path, f"{value!r} has an exponent out of range; use {_QUANTITY_HELP}")
+            raise ConfigError(path, f"{_shown(value)} has an exponent out of range; use {_QUANTITY_HELP}")
         amount *= Fraction(10) ** exponent
     return -amount if sign == "-" else amount
 
@@ -221,7 +254,7 @@ def _join(path: str, key: str) -> str:
 
 def _object(value: object, path: str, allowed: Sequence[str]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ConfigError(path, f"expected an object with fields {', '.join(allowed)}, got {value!r}")
+        raise ConfigError(path, f"expected an object with fields {', '.join(allowed)}, got {_shown(value)}")
     for key in value:
         if key not in allowed:
             raise ConfigError(
@@ -232,8 +265,12 @@ def _object(value: object, path: str, allowed: Sequence[str]) -> Mapping[str, An
 
 
 def _enum(value: object, path: str, allowed: Sequence[str], what: str) -> str:
+    if value is None:
+        raise ConfigError(path, f"is missing; set it to one of: {', '.join(allowed)}")
     if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(path, f"{value!r} is not a valid {what}; allowed values: {', '.join(allowed)}")
+        raise ConfigError(
+            path, f"{_shown(value)} is not a valid {what}; allowed values: {', '.join(allowed)}"
+        )
     return value
 
 
@@ -249,9 +286,11 @@ def _decode_mps(value: object, path: str) -> MpsConfig:
     if percentage is not None:
         p = _join(path, "defaultActiveThreadPercentage")
         if isinstance(percentage, bool) or not isinstance(percentage, int):
-            raise ConfigError(p, f"expected an integer 1..100, got {percentage!r}")
+            raise ConfigError(p, f"expected an integer 1..100, got {_shown(percentage)}")
         if not 1 <= percentage <= 100:
-            raise ConfigError(p, f"{percentage} is out of range; allowed values: 1..100 (percent of SMs)")
+            raise ConfigError(
+                p, f"{_shown(percentage)} is out of range; allowed values: 1..100 (percent of SMs)"
+            )
     default_limit = obj.get("defaultPinnedDeviceMemoryLimit")
     if default_limit is not None:
         default_limit = _decode_limit(default_limit, _join(path, "defaultPinnedDeviceMemoryLimit"))
@@ -261,17 +300,17 @@ def _decode_mps(value: object, path: str) -> MpsConfig:
         p = _join(path, "defaultPerDevicePinnedMemoryLimit")
         if not isinstance(per_device_raw, Mapping):
             raise ConfigError(
-                p, f"expected a map of device UUID or index to quantity, got {per_device_raw!r}"
+                p, f"expected a map of device UUID or index to quantity, got {_shown(per_device_raw)}"
             )
         for key, limit in per_device_raw.items():
             if not isinstance(key, str) or not key:
-                raise ConfigError(p, f"key {key!r} must be a device UUID or a decimal index")
+                raise ConfigError(p, f"key {_shown(key)} must be a device UUID or a decimal index")
             if limit is None:
                 raise ConfigError(_join(p, key), f"expected {_QUANTITY_HELP}, got null")
             per_device.append((key, _decode_limit(limit, _join(p, key))))
     multi_user = obj.get("multiUser")
     if multi_user is not None and not isinstance(multi_user, bool):
-        raise ConfigError(_join(path, "multiUser"), f"expected true or false, got {multi_user!r}")
+        raise ConfigError(_join(path, "multiUser"), f"expected true or false, got {_shown(multi_user)}")
     return MpsConfig(
         default_active_thread_percentage=percentage,
         default_pinned_device_memory_limit=default_limit,
@@ -283,7 +322,7 @@ def _decode_mps(value: object, path: str) -> MpsConfig:
 def _decode_limit(value: object, path: str) -> int:
     limit = quantity_bytes(value, path)
     if limit < MIB:
-        raise ConfigError(path, f"{value!r} is too low; a pinned memory limit must be at least 1Mi")
+        raise ConfigError(path, f"{_shown(value)} is too low; a pinned memory limit must be at least 1Mi")
     return limit
 
 
@@ -320,6 +359,45 @@ def _decode_sharing(value: object, path: str, kind: str) -> Sharing:
     return Sharing(strategy=STRATEGY_MPS, mps_config=mps)
 
 
+def check_bounds(value: object, root: str = "") -> None:
+    """Refuse a config that nests, grows or counts beyond what any valid config could.
+
+    Iterative, so the check itself never recurses; the first offending field is named.
+
+    Raises:
+        ConfigError: naming the field path and the bound.
+    """
+    stack: list[tuple[object, str, int]] = [(value, root, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, str):
+            if len(item) > MAX_STRING_CHARS:
+                what = f"a number of {len(item)} digits" if item.isdigit() else f"{len(item)} characters long"
+                raise ConfigError(
+                    path, f"is {what}; no field of this config takes more than {MAX_STRING_CHARS}"
+                )
+            continue
+        if isinstance(item, int) and not isinstance(item, bool):
+            if item.bit_length() > MAX_INT_BITS:
+                raise ConfigError(path, f"{_shown(item)} is far too large; no field of this config takes it")
+            continue
+        if isinstance(item, Mapping):
+            children = [(v, _join(path, str(k)[:60])) for k, v in item.items()]
+        elif isinstance(item, list | tuple):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(item)]
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(
+                path,
+                f"nests deeper than {MAX_DEPTH} levels; GpuConfig and MigDeviceConfig are at most 4 deep "
+                "- remove the extra nesting",
+            )
+        if len(children) > MAX_FIELDS:
+            raise ConfigError(path, f"has {len(children)} entries; at most {MAX_FIELDS} are allowed here")
+        stack.extend((child, child_path, depth + 1) for child, child_path in children)
+
+
 def decode_config(parameters: Mapping[str, Any] | str | bytes) -> DeviceConfig:
     """Decode one opaque ``parameters`` object strictly and normalise it.
 
@@ -328,15 +406,25 @@ def decode_config(parameters: Mapping[str, Any] | str | bytes) -> DeviceConfig:
     """
     if isinstance(parameters, str | bytes):
         try:
-            parameters = json.loads(parameters)
+            # Over-long integers stay text, for check_bounds to refuse by name.
+            parameters = json.loads(
+                parameters, parse_int=lambda t: t if len(t) > MAX_STRING_CHARS else int(t)
+            )
+        except RecursionError:
+            raise ConfigError(
+                "", f"opaque parameters nest far deeper than {MAX_DEPTH} levels; remove the extra nesting"
+            ) from None
         except ValueError as exc:
             raise ConfigError(
-                "", f"opaque parameters are not valid JSON ({exc}); write a JSON object"
+                "", f"opaque parameters are not valid JSON ({str(exc)[:200]}); write a JSON object"
             ) from exc
+    check_bounds(parameters)
     obj = _object(parameters, "", ("apiVersion", "kind", "sharing"))
     api_version = obj.get("apiVersion")
+    if api_version is None:
+        raise ConfigError("apiVersion", f"is missing; add apiVersion: {API_VERSION}")
     if api_version != API_VERSION:
-        raise ConfigError("apiVersion", f"{api_version!r} is not supported; use {API_VERSION}")
+        raise ConfigError("apiVersion", f"{_shown(api_version)} is not supported; use {API_VERSION}")
     kind = _enum(obj.get("kind"), "kind", KINDS, "kind")
     sharing_raw = obj.get("sharing")
     sharing = None if sharing_raw is None else _decode_sharing(sharing_raw, "sharing", kind)
@@ -452,7 +540,7 @@ def resolve_groups(
         if opaque.get("driver") != driver:
             continue
         if source not in by_source:
-            raise ConfigError("source", f"{source!r} is not one of FromClass, FromClaim", context)
+            raise ConfigError("source", f"{_shown(source)} is not one of FromClass, FromClaim", context)
         try:
             decoded = decode_config(opaque.get("parameters", {}))
         except ConfigError as exc:

@@ -241,6 +241,20 @@ class MpsManager:
 
     # -- public API ---------------------------------------------------------------------------
 
+    def check(
+        self,
+        uuids: Sequence[str],
+        cfg: MpsConfig,
+        device_memory: Mapping[str, int],
+        compute_capability: Mapping[str, tuple[int, int]] | None = None,
+    ) -> None:
+        """The checks :meth:`start` makes before changing anything, alone (nothing is run).
+
+        Raises:
+            ConfigError: the config does not fit these devices.
+        """
+        _validate("check", tuple(sorted(uuids)), cfg, device_memory, compute_capability or {})
+
     def start(
         self,
         group_id: str,

@@ -9,6 +9,7 @@ What it does not do: build or start anything for tests that do not ask for these
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client as kclient
 
-from tests.ground import peers
+from tests.ground import longrun, peers
 from tests.ground.controlplane import ControlPlane, start_control_plane
 
 _LOG_HINTS_KEY = pytest.StashKey[str]()
@@ -29,6 +30,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Kubernetes version of the control plane for e2e tests (default: env GPU_DRA_K8S_VERSION, "
         "else K8S_PRIMARY in tests/peers/pins.env)",
     )
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run tests marked long at full length (make test runs them shortened)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read at import time by tests marked ``long`` (hypothesis settings, parametrize sizes).
+    if config.getoption("--long"):
+        os.environ[longrun.ENV] = "1"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

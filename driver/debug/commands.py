@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -53,8 +54,42 @@ SERVER_MINOR = 36
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
 
+#: Node name of a simulated node (``--topology``): every command names it the same, so the UUIDs
+#: (derived from the node name) agree between ``devices``, ``slices``, ``mig`` and ``simulate``.
+SIMULATED_NODE = "simulated-node"
+
+EXIT_OK, EXIT_NO, EXIT_USAGE, EXIT_ENVIRONMENT = 0, 1, 2, 3
+EXIT_CODES_HELP = """exit codes:
+  0  ok
+  1  a negative answer: the claim does not fit, a check failed, slices differ
+  2  bad usage or bad input: a flag, a file, a claim name
+  3  the environment: no NVML, API server unreachable, no credentials"""
+
+
 class DebugError(DriverError):
-    """A debug command cannot answer (missing input, unreachable source); the message says what to do."""
+    """A debug command cannot answer from what it was given; the message says what to fix."""
+
+    exit_code = EXIT_USAGE
+
+
+class EnvironmentProblemError(DebugError):
+    """What the command needs from the node or cluster is not there (NVML, API server, files)."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The documented exit code for an error a debug command ran into."""
+    from driver.errors import ApiError, ApiNotFoundError, CheckpointError, NvmlError
+    from driver.kube import ResourceNotServedError
+
+    if isinstance(exc, DebugError):
+        return exc.exit_code
+    if isinstance(exc, ApiNotFoundError) and not isinstance(exc, ResourceNotServedError):
+        return EXIT_USAGE  # the claim (or class) named on the command line does not exist
+    if isinstance(exc, (ApiError, NvmlError, CheckpointError, OSError)):
+        return EXIT_ENVIRONMENT
+    return EXIT_USAGE
 
 
 # -- shared plumbing -----------------------------------------------------------------------------
@@ -67,71 +102,91 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _kube(args: argparse.Namespace) -> Any:
-    from driver.kube import Kube
+    from driver.kube import Kube, resolve_credentials
 
-    cfg = _config(args)
-    return Kube.from_config(cfg.kubeconfig)
+    creds = resolve_credentials(getattr(args, "kubeconfig", None), getattr(args, "context", None))
+    return Kube.from_config(creds.kubeconfig, context=creds.context)
+
+
+def _style(args: argparse.Namespace) -> render.Style:
+    return render.Style(wide=args.output == "wide", headers=not getattr(args, "no_headers", False))
 
 
 def _load_yaml_docs(path: Path) -> list[JsonDict]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise DebugError(f"cannot read {path}: {exc}; pass an existing YAML/JSON file") from exc
-    return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+        raise DebugError(
+            f"cannot read {path}: {exc.strerror or exc}; pass an existing YAML/JSON file"
+        ) from exc
+    try:
+        return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DebugError(f"{path} is not valid YAML{where}: {problem}; fix the file") from exc
 
 
 @contextmanager
-def _fake_nvml(topology: str, node: str, mig: str | None) -> Iterator[Any]:
+def _fake_nvml(topology: str, node: str) -> Iterator[Any]:
     """An NVML session on a fake topology with its state in a throw-away directory."""
     from driver.nvml.backend import Nvml
-    from driver.nvml.fakestate import FakeState
 
     with tempfile.TemporaryDirectory(prefix="gpu-dra-simulate-") as tmp:
-        state = Path(tmp) / "fake-nvml.json"
-        nvml = Nvml.open("fake", fake_topology=topology, fake_state=state, node_name=node)
+        nvml = Nvml.open(
+            "fake", fake_topology=topology, fake_state=Path(tmp) / "fake-nvml.json", node_name=node
+        )
         try:
-            if mig == "dynamic":
-                _enable_mig_everywhere(nvml, FakeState(state))
             yield nvml
         finally:
             nvml.shutdown()
 
 
-def _enable_mig_everywhere(nvml: Any, _state: Any) -> None:
-    from driver.nvml.mig import NvmlMigBackend
+def topology_inventory(
+    topology: str,
+    node: str = SIMULATED_NODE,
+    mig_mode: str = "dynamic",
+    *,
+    allow_mig_mode_change: bool = False,
+) -> Inventory:
+    """What the plugin would publish on a node of ``topology`` (fake NVML + discovery, no sysfs).
 
-    backend = NvmlMigBackend(nvml)
-    for gpu in nvml.gpus():
-        if gpu.mig_capable and not gpu.mig_mode_current:
-            try:
-                backend.set_mig_mode(gpu.uuid, True)
-            except DriverError as exc:
-                log.warning("cannot enable MIG mode on simulated GPU", gpu=gpu.uuid, error=str(exc))
-
-
-def _mig_hook(nvml: Any, mode: str | None, *, allow_mig_mode_change: bool = True) -> Any:
-    """The daemon's discovery MIG hook (dynamic placements + counters, or existing instances).
-
-    A simulated node may enable MIG on demand (Hopper+) unless told otherwise, so ``simulate``
-    shows the layouts such a node could offer.
+    The plugin's own discovery with the chart's defaults (``migMode: dynamic``, no MIG mode
+    changes), so a simulated node shows what a real one with this hardware would offer.
     """
-    if mode is None:
-        return None
+    from driver.discovery import discover
     from driver.migdiscovery import make_mig_hook
     from driver.nvml.mig import NvmlMigBackend
 
-    return make_mig_hook(NvmlMigBackend(nvml), mode, allow_mig_mode_change=allow_mig_mode_change)
+    with _fake_nvml(topology, node) as nvml:
+        hook = make_mig_hook(NvmlMigBackend(nvml), mig_mode, allow_mig_mode_change=allow_mig_mode_change)
+        return discover(nvml, node, sysfs_root=None, mig_hook=hook)
 
 
-def topology_inventory(topology: str, node: str = "simulated-node", mig: str | None = None) -> Inventory:
-    """The inventory a node of ``topology`` would publish (fake NVML + discovery, no sysfs)."""
-    from driver.discovery import discover
+def _simulated(args: argparse.Namespace) -> Inventory:
+    """The inventory of the simulated node the command's ``--topology`` flags describe."""
+    return topology_inventory(
+        args.topology,
+        _node_name(args),
+        args.mig_mode or "dynamic",
+        allow_mig_mode_change=(args.allow_mig_mode_change or "false") == "true",
+    )
 
-    with _fake_nvml(topology, node, mig) as nvml:
-        if mig is None and any(g.mig_capable and g.mig_mode_current for g in nvml.gpus()):
-            mig = "static"
-        return discover(nvml, node, sysfs_root=None, mig_hook=_mig_hook(nvml, mig))
+
+def _node_name(args: argparse.Namespace) -> str:
+    """``--node-name`` (or NODE_NAME); a simulated node is always called the same by default."""
+    from driver import config
+
+    given = config.from_args(args).node_name
+    if given:
+        return str(given)
+    if getattr(args, "topology", None):
+        return SIMULATED_NODE
+    raise DebugError(
+        f"gpu-dra {args.command} needs --node-name (or NODE_NAME, set in the plugin's pod), "
+        "or --topology for a simulated node"
+    )
 
 
 def inventory_slices(
@@ -143,9 +198,16 @@ def inventory_slices(
     return build_slices(inventory, node, driver, "", server_minor)
 
 
-def topology_node(topology: str, node: str = "simulated-node", mig: str | None = None) -> NodeDevices:
+def topology_node(
+    topology: str,
+    node: str = SIMULATED_NODE,
+    mig_mode: str = "dynamic",
+    *,
+    allow_mig_mode_change: bool = False,
+) -> NodeDevices:
     """The devices a node of ``topology`` would publish, as the scheduler sees them."""
-    return node_from_slices(inventory_slices(topology_inventory(topology, node, mig), node))
+    inventory = topology_inventory(topology, node, mig_mode, allow_mig_mode_change=allow_mig_mode_change)
+    return node_from_slices(inventory_slices(inventory, node))
 
 
 def _checkpoint(args: argparse.Namespace) -> nodestate.CheckpointView:
@@ -162,8 +224,11 @@ def _label(claim: PreparedClaim | None) -> str | None:
     return None if claim is None else f"{nodestate.claim_ref(claim)} ({claim.uid})"
 
 
-def _attr_text(value: Any) -> str:
-    return str(getattr(value, "value", value))
+def _attr_value(value: Any) -> Any:
+    """An attribute as JSON keeps it: int, bool and string as they are, a version as its string."""
+    from driver.inventory import Version
+
+    return value.value if isinstance(value, Version) else value
 
 
 def _server_allowed(args: argparse.Namespace) -> bool:
@@ -335,7 +400,7 @@ def run_explain(args: argparse.Namespace, out: TextIO) -> int:
     allocated: list[str] = []
     held: list[JsonDict] = []
     if topology:
-        node = topology_node(topology, mig=getattr(args, "mig", None))
+        node = node_from_slices(inventory_slices(_simulated(args), _node_name(args)))
         label = f"simulated {topology}"
     elif slices_file:
         node = node_from_slices(
@@ -367,7 +432,7 @@ def run_explain(args: argparse.Namespace, out: TextIO) -> int:
 
 def run_devices(args: argparse.Namespace, out: TextIO) -> int:
     if args.topology:
-        inventory, view = topology_inventory(args.topology, mig=args.mig), None
+        inventory, view = _simulated(args), None
     else:
         view = _checkpoint(args)
         inventory = _local_inventory(args, view)
@@ -385,7 +450,7 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
                 "kind": d.kind,
                 "uuid": str(d.attributes.get("uuid", d.gpu_uuid)),
                 "gpu": d.gpu_minor,
-                "attributes": {k: _attr_text(v) for k, v in d.attributes.items()},
+                "attributes": {k: _attr_value(v) for k, v in d.attributes.items()},
                 "capacity": dict(d.capacity),
                 "status": h.status,
                 "heldBy": None if h.held_by is None else nodestate.claim_ref(h.held_by),
@@ -405,10 +470,31 @@ def run_devices(args: argparse.Namespace, out: TextIO) -> int:
             d["heldBy"] or (f"blocked by {', '.join(d['blockedBy'])}" if d["blockedBy"] else "free"),
             d["health"],
             taint_text(d["taints"]),
+            d["uuid"],
+            d["gpu"],
+            render.quantity(d["capacity"].get("memory")),
+            d["attributes"].get("pcieRoot", "-"),
         )
         for d in data
     ]
-    text = render.table(("DEVICE", "KIND", "PRODUCT", "PROFILE", "HELD BY", "HEALTH", "TAINTS"), rows)
+    text = render.table(
+        (
+            "DEVICE",
+            "KIND",
+            "PRODUCT",
+            "PROFILE",
+            "HELD BY",
+            "HEALTH",
+            "TAINTS",
+            "UUID",
+            "GPU",
+            "MEMORY",
+            "PCIE ROOT",
+        ),
+        rows,
+        _style(args),
+        wide_from=7,
+    )
     problems = [view.problem] if view is not None and view.problem else []
     for warning in [*inventory.warnings, *problems]:
         text += f"\nwarning: {warning}"
@@ -467,11 +553,8 @@ def run_slices(args: argparse.Namespace, out: TextIO) -> int:
     from driver.resourceslices import validate_pool
 
     cfg = _config(args)
-    node = cfg.node_name or "this-node"
-    if args.topology:
-        inventory = topology_inventory(args.topology, node, args.mig)
-    else:
-        inventory = _local_inventory(args, _checkpoint(args))
+    node = _node_name(args)
+    inventory = _simulated(args) if args.topology else _local_inventory(args, _checkpoint(args))
     kube = _kube(args) if args.compare else None
     minor = kube.server_version()[1] if kube is not None else SERVER_MINOR
     from driver.debug.taints import published_taints
@@ -501,10 +584,15 @@ def run_slices(args: argparse.Namespace, out: TextIO) -> int:
             s["metadata"]["generateName"],
             len(s["spec"].get("devices", [])),
             len(s["spec"].get("sharedCounters", [])),
+            s["spec"]["pool"]["name"],
+            s["spec"]["pool"]["generation"],
+            s["spec"]["pool"]["resourceSliceCount"],
         )
         for s in slices
     ]
-    text = render.table(("SLICE", "DEVICES", "COUNTER SETS"), rows)
+    text = render.table(
+        ("SLICE", "DEVICES", "COUNTER SETS", "POOL", "GENERATION", "SLICES IN POOL"), rows, _style(args), 3
+    )
     text += f"\nvalid: {'yes' if result['valid'] else 'NO: ' + '; '.join(result['problems'])}"
     if result["diff"] is not None:
         text += "\n" + _diff_text(result["diff"])
@@ -589,7 +677,7 @@ def _mig_text(picture: Sequence[JsonDict]) -> str:
 
 def run_mig(args: argparse.Namespace, out: TextIO) -> int:
     if args.topology:
-        inventory, claims = topology_inventory(args.topology, mig=args.mig), {}
+        inventory, claims = _simulated(args), {}
     else:
         view = _checkpoint(args)
         inventory, claims = _local_inventory(args, view), dict(view.claims)
@@ -730,7 +818,7 @@ def run_claims(args: argparse.Namespace, out: TextIO) -> int:
         )
         for d in data
     ]
-    text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "SHARING", "AGE"), rows)
+    text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "SHARING", "AGE"), rows, _style(args))
     if view.problem:
         text += f"\ncheckpoint: PROBLEM: {view.problem}"
     elif view.exists:
@@ -796,8 +884,8 @@ def run_cdi(args: argparse.Namespace, out: TextIO) -> int:
             "problems": nodestate.spec_problems(statuses),
         },
         args.output,
-        render.table(("CLAIM UID", "CLAIM", "FILE", "STATUS", "PROBLEM"), rows)
-        + f"\nCDI root: {cfg.cdi_root}",
+        render.table(("CLAIM UID", "CLAIM", "FILE", "STATUS", "PROBLEM"), rows, _style(args))
+        + ("" if args.no_headers else f"\nCDI root: {cfg.cdi_root}"),
         out,
     )
     return 1 if any(s.status != "ok" for s in statuses) else 0
@@ -829,14 +917,23 @@ def doctor_checks(args: argparse.Namespace) -> list[Check]:
 def run_doctor(args: argparse.Namespace, out: TextIO) -> int:
     checks = doctor_checks(args)
     bad = [c for c in checks if not c.ok]
-    lines = []
+    skipped = [c for c in checks if c.status == "skipped"]
+    verdict = "healthy" if not bad else f"{len(bad)} of {len(checks)} checks failed"
+    if skipped:
+        verdict += f" ({len(skipped)} skipped)"
+    lines = [f"verdict: {verdict}", ""]
+    marks = {"ok": "ok  ", "fail": "FAIL", "skipped": "skip"}
     for c in checks:
-        lines.append(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
-        if not c.ok:
+        lines.append(f"{marks[c.status]}  {c.name}: {c.detail}")
+        if c.status == "fail":
             lines.append(f"      what to do: {c.todo}")
-    lines.append(f"\nverdict: {'healthy' if not bad else f'{len(bad)} of {len(checks)} checks failed'}")
-    render.emit({"checks": [c.to_dict() for c in checks], "ok": not bad}, args.output, "\n".join(lines), out)
-    return 0 if not bad else 1
+    render.emit(
+        {"checks": [c.to_dict() for c in checks], "ok": not bad, "verdict": verdict},
+        args.output,
+        "\n".join(lines),
+        out,
+    )
+    return EXIT_OK if not bad else EXIT_NO
 
 
 def run_probe(args: argparse.Namespace, out: TextIO) -> int:
@@ -847,6 +944,35 @@ def run_probe(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if problem is None else 1
 
 
+# -- topologies ----------------------------------------------------------------------------------
+
+
+def run_topologies(args: argparse.Namespace, out: TextIO) -> int:
+    from driver.nvml.topology import available_topologies, load_topology
+
+    data: list[JsonDict] = []
+    for name in available_topologies():
+        topo = load_topology(name)
+        products = sorted({g.product_name for g in topo.gpus})
+        data.append(
+            {
+                "name": name,
+                "gpus": len(topo.gpus),
+                "products": products,
+                "migCapable": any(g.mig_capable for g in topo.gpus),
+                "migOn": any(g.mig_mode for g in topo.gpus),
+                "driverVersion": topo.driver_version,
+            }
+        )
+    rows = [
+        (d["name"], d["gpus"], ", ".join(d["products"]), d["migCapable"], d["migOn"], d["driverVersion"])
+        for d in data
+    ]
+    text = render.table(("NAME", "GPUS", "PRODUCT", "MIG CAPABLE", "MIG ON", "DRIVER"), rows, _style(args), 4)
+    render.emit({"topologies": data}, args.output, text, out)
+    return EXIT_OK
+
+
 # -- registration --------------------------------------------------------------------------------
 
 
@@ -854,91 +980,266 @@ def _wrap(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from driver import log as driver_log
 
-        # Command output owns stdout; logs go to stderr and stay quiet unless asked for.
-        driver_log.configure(args.log_format or "console", args.log_level or "warning")
+        # Command output owns stdout; logs go to stderr and stay quiet unless asked for: what a
+        # warning would say is part of the command's answer already.
+        level = args.log_level or "error"
+        driver_log.configure(args.log_format or "console", level)
         try:
             return handler(args, sys.stdout)
-        except (DriverError, ValueError, KeyError) as exc:
-            print(f"gpu-dra {args.command}: {exc}", file=sys.stderr)
-            return 2
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:  # a debug command answers in one line, never with a traceback
+            code = exit_code_of(exc)
+            if isinstance(exc, DriverError):
+                message = str(exc)
+            else:
+                message = (
+                    f"unexpected {type(exc).__name__}: {exc}; rerun with --log-level debug to see where, "
+                    "and report it"
+                )
+            if level == "debug":
+                log.exception("command failed")
+            print(f"gpu-dra {args.command}: {message}", file=sys.stderr)
+            return code
 
     return run
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+_PLUGIN_FLAGS_NOTE = (
+    "The node's settings (paths, NVML backend, node name) are read from the plugin's environment "
+    "variables, as in the plugin's pod, so `kubectl exec -n <ns> ds/<name> -- gpu-dra {cmd}` needs "
+    "no flags; the plugin's own flags (`gpu-dra plugin --help`) are accepted too."
+)
+
+
+def _add(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    examples: Sequence[str],
+    handler: Handler,
+    *,
+    node_settings: bool = True,
+    kube: bool = False,
+    topology: bool = False,
+    table: bool = True,
+) -> argparse.ArgumentParser:
+    """A debug subcommand whose help shows its own flags, examples and the exit codes."""
     from driver.config import add_plugin_flags
 
-    add_plugin_flags(parser)
-    parser.add_argument("-o", "--output", choices=render.FORMATS, default="table", help="Output format.")
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n" + EXIT_CODES_HELP
+    if node_settings:
+        epilog += "\n\n" + textwrap.fill(_PLUGIN_FLAGS_NOTE.format(cmd=name), 96)
+    p = subparsers.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    own: list[str] = ["--log-level", "--log-format"]
+    if topology:
+        p.add_argument(
+            "--topology",
+            metavar="NAME|FILE",
+            help="simulate a node with this GPU topology instead of reading this node "
+            "(`gpu-dra topologies` lists the built-in ones)",
+        )
+        p.add_argument(
+            "--mig-mode",
+            choices=("dynamic", "static"),
+            help="how MIG-capable GPUs are published, as the plugin's --mig-mode "
+            "(default: dynamic, the chart's migMode)",
+        )
+        p.add_argument(
+            "--allow-mig-mode-change",
+            choices=("true", "false"),
+            help="as the plugin's flag: a simulated Hopper+ GPU with MIG off may turn it on (default: false)",
+        )
+        p.add_argument("--mig", dest="mig_mode", choices=("dynamic", "static"), help=argparse.SUPPRESS)
+        own += ["--topology", "--mig-mode", "--allow-mig-mode-change"]
+    if topology or kube:
+        p.add_argument("--node-name", help="the node to read or to name the simulated node (NODE_NAME)")
+        own.append("--node-name")
+    if kube:
+        p.add_argument(
+            "--kubeconfig",
+            help="kubeconfig file; default: $KUBECONFIG, then ~/.kube/config, then the pod's service account",
+        )
+        p.add_argument("--context", help="the kubeconfig context to use (default: its current context)")
+        own.append("--kubeconfig")
+    formats = render.FORMATS if table else ("table", "json", "yaml")
+    p.add_argument(
+        "-o", "--output", choices=formats, default="table", help=f"output format: {', '.join(formats)}"
+    )
+    if table:
+        p.add_argument("--no-headers", action="store_true", help="print table rows without the header line")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=("json", "console"), help=argparse.SUPPRESS)
+    add_plugin_flags(p, hidden=True, skip=own)
+    p.set_defaults(func=_wrap(handler))
+    return p
 
 
-def _topology_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument(
-        "--topology", required=required, help="Fake topology name or file (e.g. a100-40gb-x8)."
+def _common(p: argparse.ArgumentParser) -> None:
+    """Output and hidden node flags for a command registered outside :func:`register` (``taints``)."""
+    from driver.config import add_plugin_flags
+
+    p.add_argument("-o", "--output", choices=render.FORMATS, default="table", help="output format")
+    p.add_argument("--no-headers", action="store_true", help="print table rows without the header line")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=("json", "console"), help=argparse.SUPPRESS)
+    add_plugin_flags(p, hidden=True, skip=("--log-level", "--log-format"))
+
+
+def _claim_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("claim", metavar="CLAIM", help=what)
+    p.add_argument(
+        "--class-file",
+        action="append",
+        metavar="FILE",
+        help="a DeviceClass YAML to use instead of the server's or the chart's (repeatable)",
     )
-    parser.add_argument(
-        "--mig", choices=("dynamic", "static"), default=None, help="MIG mode of the simulated node."
-    )
+
+
+def _require_topology(handler: Handler) -> Handler:
+    def run(args: argparse.Namespace, out: TextIO) -> int:
+        if not args.topology:
+            raise DebugError(
+                "simulate needs --topology NAME|FILE: the GPUs of the node to simulate "
+                "(`gpu-dra topologies` lists the built-in ones)"
+            )
+        return handler(args, out)
+
+    return run
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the debug subcommands to the ``gpu-dra`` parser (each sets ``func``)."""
-    p = subparsers.add_parser("explain", help="why a claim does (not) fit this node, per device and clause")
-    p.add_argument("claim", help="claim YAML file or ns/name")
-    p.add_argument("--class-file", action="append", help="DeviceClass YAML (repeatable)")
-    p.add_argument("--slices-file", help="ResourceSlice YAML to explain against instead of the API server")
-    _topology_flags(p)
-    _common(p)
-    p.set_defaults(func=_wrap(run_explain))
+    p = _add(
+        subparsers,
+        "explain",
+        "why a claim does (not) fit a node, per device and clause",
+        (
+            "gpu-dra explain team-a/train --node-name gpu-node-1      # a claim on the API server",
+            "gpu-dra explain claim.yaml --topology a100-40gb-x8       # a file, on a simulated node",
+            "gpu-dra explain claim.yaml --slices-file slices.yaml",
+        ),
+        run_explain,
+        kube=True,
+        topology=True,
+        table=False,
+    )
+    _claim_argument(p, "a claim (or claim template) YAML file, or NAMESPACE/NAME on the API server")
+    p.add_argument("--slices-file", metavar="FILE", help="ResourceSlice YAML to explain against")
 
-    p = subparsers.add_parser("simulate", help="would a claim fit on a node of this topology")
-    p.add_argument("claim", help="claim YAML file")
-    p.add_argument("--class-file", action="append", help="DeviceClass YAML (repeatable)")
-    _topology_flags(p, required=True)
-    _common(p)
-    p.set_defaults(func=_wrap(run_explain), slices_file=None)
+    p = _add(
+        subparsers,
+        "simulate",
+        "would a claim fit on a node of this topology",
+        (
+            "gpu-dra simulate claim.yaml --topology a100-40gb-x8",
+            "gpu-dra simulate claim.yaml --topology h100-80gb-x8 --allow-mig-mode-change true -o json",
+        ),
+        _require_topology(run_explain),
+        node_settings=False,
+        topology=True,
+        table=False,
+    )
+    _claim_argument(p, "a claim (or claim template) YAML file")
+    p.set_defaults(slices_file=None)
 
-    for name, handler, helptext in (
-        ("devices", run_devices, "GPUs and MIG devices of this node, who holds each"),
-        ("slices", run_slices, "the ResourceSlices this node would publish now"),
-        ("mig", run_mig, "a picture of each GPU's MIG memory slices"),
+    for name, handler, summary, examples in (
+        (
+            "devices",
+            run_devices,
+            "GPUs and MIG devices of this node, who holds each",
+            ("gpu-dra devices", "gpu-dra devices --topology a100-40gb-x1-mig -o wide"),
+        ),
+        (
+            "slices",
+            run_slices,
+            "the ResourceSlices this node would publish now",
+            ("gpu-dra slices", "gpu-dra slices --compare", "gpu-dra slices --topology h100-80gb-x8 -o yaml"),
+        ),
+        (
+            "mig",
+            run_mig,
+            "a picture of each GPU's MIG memory slices",
+            ("gpu-dra mig", "gpu-dra mig --topology a100-40gb-x1-mig"),
+        ),
     ):
-        p = subparsers.add_parser(name, help=helptext)
-        _topology_flags(p)
+        p = _add(
+            subparsers,
+            name,
+            summary,
+            examples,
+            handler,
+            topology=True,
+            kube=name == "slices",
+            table=name != "mig",
+        )
         if name == "slices":
-            p.add_argument("--compare", action="store_true", help="diff against what is published")
-        _common(p)
-        p.set_defaults(func=_wrap(handler))
+            p.add_argument("--compare", action="store_true", help="diff against what the API server holds")
 
-    p = subparsers.add_parser("claims", help="prepared claims in the checkpoint; `claims show <uid|ns/name>`")
+    p = _add(
+        subparsers,
+        "claims",
+        "prepared claims in the checkpoint; `claims show <uid|ns/name>`",
+        ("gpu-dra claims", "gpu-dra claims show team-a/train", "gpu-dra claims -o json"),
+        _shown(run_claims),
+        kube=True,
+    )
     p.add_argument("show", nargs="*", metavar="[show] CLAIM", help="uid or ns/name to show in detail")
-    _common(p)
-    p.set_defaults(func=_wrap(_shown(run_claims)))
 
-    p = subparsers.add_parser("cdi", help="CDI specs the plugin owns, orphans; `cdi show <uid|ns/name>`")
+    p = _add(
+        subparsers,
+        "cdi",
+        "CDI specs the plugin owns, orphans; `cdi show <uid|ns/name>`",
+        ("gpu-dra cdi", "gpu-dra cdi show team-a/train"),
+        _shown(run_cdi),
+    )
     p.add_argument("show", nargs="*", metavar="[show] CLAIM", help="claim whose spec to show")
-    _common(p)
-    p.set_defaults(func=_wrap(_shown(run_cdi)))
+
+    p = _add(
+        subparsers,
+        "doctor",
+        "checklist of the node plugin's health, with what to do for each problem",
+        ("gpu-dra doctor", "kubectl exec -n gpu-dra ds/gpu-dra-kubelet-plugin -- gpu-dra doctor"),
+        run_doctor,
+        kube=True,
+        table=False,
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per socket and API call (default 5)")
+    p = _add(
+        subparsers,
+        "probe",
+        "liveness check: GetInfo and an empty NodePrepareResources on the plugin's sockets",
+        ("gpu-dra probe",),
+        run_probe,
+        table=False,
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per socket call (default 5)")
+
+    _add(
+        subparsers,
+        "topologies",
+        "the built-in GPU topologies --topology accepts",
+        (
+            "gpu-dra topologies",
+            "gpu-dra simulate claim.yaml --topology $(gpu-dra topologies --no-headers | head -1)",
+        ),
+        run_topologies,
+        node_settings=False,
+    )
 
     from driver.debug import taints
 
     taints.register(subparsers, _common, _wrap)
 
-    for name, handler, helptext in (
-        ("doctor", run_doctor, "checklist of the node plugin's health"),
-        ("probe", run_probe, "liveness probe: GetInfo + empty NodePrepareResources"),
-    ):
-        p = subparsers.add_parser(name, help=helptext)
-        p.add_argument("--timeout", type=float, default=5.0, help="seconds per socket call")
-        _common(p)
-        p.set_defaults(func=_wrap(handler))
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (tests): the debug commands without the daemon's parser."""
-    parser = argparse.ArgumentParser(prog="gpu-dra")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    register(sub)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    """Stand-alone entry point (tests): the ``gpu-dra`` command line, debug commands included."""
+    from driver.cli import main as cli_main
+
+    return cli_main(argv)

@@ -32,24 +32,44 @@ class CheckFailedError(DriverError):
     """A doctor check found a problem; the message says what."""
 
 
+class CheckSkippedError(DriverError):
+    """A doctor check cannot say anything here (nothing to look at, or a check it needs failed)."""
+
+
+OK, FAIL, SKIPPED = "ok", "fail", "skipped"
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
-    """One line of the checklist."""
+    """One line of the checklist: ``status`` is ok, fail or skipped (which is neither)."""
 
     name: str
-    ok: bool
+    status: str
     detail: str
     todo: str = ""
 
+    @property
+    def ok(self) -> bool:
+        """Not failed: a skipped check does not fail the verdict (its line says it was skipped)."""
+        return self.status != FAIL
+
     def to_dict(self) -> dict[str, Any]:
-        return {"check": self.name, "ok": self.ok, "detail": self.detail, "todo": self.todo}
+        return {
+            "check": self.name,
+            "status": self.status,
+            "ok": None if self.status == SKIPPED else self.status == OK,
+            "detail": self.detail,
+            "todo": self.todo,
+        }
 
 
 def run_check(name: str, todo: str, fn: Callable[[], str]) -> Check:
     try:
-        return Check(name, True, fn())
+        return Check(name, OK, fn())
+    except CheckSkippedError as exc:
+        return Check(name, SKIPPED, str(exc))
     except Exception as exc:  # noqa: BLE001 - a checklist reports every failure and goes on
-        return Check(name, False, str(exc) or type(exc).__name__, todo)
+        return Check(name, FAIL, str(exc) or type(exc).__name__, todo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +86,23 @@ class Doctor:
 
     def checks(self) -> list[Check]:
         view = nodestate.read_checkpoint(self.cfg.state_dir)
+        nvml = run_check(
+            "NVML loads and sees GPUs",
+            "check the NVIDIA driver is loaded and --driver-root / --container-driver-root point at it",
+            lambda: self.nvml(view),
+        )
+        api = run_check(
+            "API server reachable",
+            "check --kubeconfig / the pod's service account and the network to the API server",
+            self.api_server,
+        )
         return [
-            run_check(
-                "NVML loads and sees GPUs",
-                "check the NVIDIA driver is loaded and --driver-root / --container-driver-root point at it",
-                lambda: self.nvml(view),
-            ),
+            nvml,
             run_check(
                 "device nodes exist",
                 "load the NVIDIA kernel modules (nvidia-smi on the host creates the nodes) and mount "
                 "the host's /dev (--dev-root)",
-                self.device_nodes,
+                lambda: self.device_nodes(nvml),
             ),
             run_check(
                 "registration and DRA sockets answer",
@@ -106,15 +132,11 @@ class Doctor:
                 "missing spec delete the pod so the kubelet unprepares and prepares the claim again",
                 lambda: self.cdi_specs(view),
             ),
-            run_check(
-                "API server reachable",
-                "check --kubeconfig / the pod's service account and the network to the API server",
-                self.api_server,
-            ),
+            api,
             run_check(
                 "slices published and valid",
                 "see the plugin's publisher logs; `gpu-dra slices --compare` shows the difference",
-                self.published,
+                lambda: self.published(api),
             ),
             run_check(
                 "GPUs healthy and untainted",
@@ -159,9 +181,11 @@ class Doctor:
         gpus = {d.gpu_uuid for d in inventory.devices}
         return f"{len(gpus)} GPU(s), {len(inventory.devices)} device(s) to publish"
 
-    def device_nodes(self) -> str:
+    def device_nodes(self, nvml: Check) -> str:
         if self.cfg.nvml_backend == "fake":
-            return "skipped (fake NVML backend)"
+            raise CheckSkippedError("a fake NVML backend has no device nodes")
+        if nvml.status == FAIL:
+            raise CheckSkippedError("needs NVML to list the GPUs (see the NVML line)")
         dev = self.cfg.dev_root / "dev"
         missing = [str(dev / n) for n in ("nvidiactl",) if not (dev / n).exists()]
         minors = sorted({d.gpu_minor for d in nodestate.local_inventory(self.cfg).devices})
@@ -200,7 +224,7 @@ class Doctor:
         configs = _runtime_configs()
         readable = [p for p in configs if os.access(p, os.R_OK)]
         if not readable:
-            return "skipped (no runtime config readable here: " + ", ".join(str(p) for p in configs) + ")"
+            raise CheckSkippedError("no runtime config readable here: " + ", ".join(str(p) for p in configs))
         verdicts = [cdi_root_seen(p, self.cfg.cdi_root) for p in readable]
         return "; ".join(verdicts)
 
@@ -222,10 +246,12 @@ class Doctor:
         major, minor = self.kube().server_version()
         return f"API server {major}.{minor}"
 
-    def published(self) -> str:
+    def published(self, api: Check) -> str:
         from driver.resourceslices import validate_pool
 
         cfg = self.cfg
+        if api.status == FAIL:
+            raise CheckSkippedError("needs the API server (see the API server line)")
         if not cfg.node_name:
             raise CheckFailedError("no node name: pass --node-name / NODE_NAME")
         slices = self.kube().list_slices(cfg.driver_name, cfg.node_name)
@@ -238,7 +264,7 @@ class Doctor:
     def mps(self, view: nodestate.CheckpointView) -> str:
         records = nodestate.mps_records(view.claims)
         if not records:
-            return "no MPS daemon recorded"
+            raise CheckSkippedError("no MPS daemon recorded")
         manager = self._mps_manager()
         dead = []
         for claim, record in records:

@@ -11,7 +11,6 @@ results[]`` ...). This module does not interpret results; that is ``driver.state
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Mapping
@@ -19,12 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from driver.errors import ApiError, ApiNotFoundError, PermanentClaimError, TemporaryClaimError
+from driver import boundedjson
+from driver.errors import ApiBodyError, ApiError, ApiNotFoundError, PermanentClaimError, TemporaryClaimError
 
 if TYPE_CHECKING:
     from driver.kube import Kube
 
 Claim = dict[str, Any]
+
+#: Deepest nesting a claim may have. Kubernetes' own fields stay under 15 levels; the rest is
+#: opaque parameters, whose known schemas are a few levels deep.
+MAX_CLAIM_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +154,7 @@ class DirectoryClaimSource:
         """Load the claim file, or raise ApiNotFoundError naming the expected path."""
         path = self._root / namespace / f"{name}.json"
         try:
-            data = json.loads(path.read_text())
+            data = boundedjson.loads(path.read_text())
         except FileNotFoundError:
             raise ApiNotFoundError(
                 f"resourceclaims {namespace}/{name} not found (no {path})", 404, "NotFound"
@@ -178,10 +182,22 @@ def fetch_allocated(source: ClaimSource, ref: ClaimRef) -> Claim:
             f"ResourceClaim {ref.namespace}/{ref.name} not found: it was deleted before the pod started; "
             "recreate the pod or its claim"
         ) from exc
+    except ApiBodyError as exc:
+        raise PermanentClaimError(
+            f"ResourceClaim {ref.namespace}/{ref.name} cannot be decoded: {exc}; an opaque config's "
+            "parameters are nested far too deep - fix the claim's (or DeviceClass's) config"
+        ) from exc
     except ApiError as exc:
         raise TemporaryClaimError(
             f"could not fetch ResourceClaim {ref.namespace}/{ref.name}: {exc}; "
             "check the API server and the plugin's RBAC (resourceclaims get)"
+        ) from exc
+    try:
+        boundedjson.check_depth(claim, MAX_CLAIM_DEPTH)
+    except boundedjson.JsonTooDeepError as exc:
+        raise PermanentClaimError(
+            f"ResourceClaim {ref.namespace}/{ref.name} refused: {exc}; opaque device configs are a few "
+            "levels deep - fix the claim's (or DeviceClass's) config"
         ) from exc
     uid = claim.get("metadata", {}).get("uid", "")
     if uid != ref.uid:

@@ -111,10 +111,16 @@ def _ambiguous_uid(uid: str, names: Sequence[str], rpc: str) -> str:
     )
 
 
+#: Longest error text sent to the kubelet (it lands in the pod's events).
+MAX_ERROR_CHARS = 2048
+
+
 def _error_text(exc: BaseException, what: str, ref: ClaimRef) -> str:
     if isinstance(exc, ClaimError):
-        return str(exc)
-    return f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+        text = str(exc)
+    else:
+        text = f"internal error while {what} claim {ref}: {type(exc).__name__}: {exc}; see the plugin log"
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "... [cut]"
 
 
 @dataclass

@@ -47,9 +47,12 @@ def probe(paths: SocketPaths, timeout_s: float = 5.0) -> str | None:
 
 
 class HealthServer:
-    """The health service on ``127.0.0.1:<port>`` (port 0: any free port, see :attr:`port`)."""
+    """The health service on ``<address>:<port>`` (port 0: any free port, see :attr:`port`).
 
-    def __init__(self, paths: SocketPaths, port: int) -> None:
+    The chart listens on the pod's IP: the kubelet's ``grpc:`` probes call the pod there.
+    """
+
+    def __init__(self, paths: SocketPaths, port: int, address: str = "127.0.0.1") -> None:
         self._paths = paths
         self._server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
         handler = grpc.unary_unary_rpc_method_handler(
@@ -58,7 +61,9 @@ class HealthServer:
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(SERVICE, {"Check": handler})]
         )
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        host = f"[{address}]" if ":" in address else address
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self.address = address
 
     def _check(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         problem = probe(self._paths)
@@ -70,7 +75,7 @@ class HealthServer:
     def start(self) -> None:
         """Start answering."""
         self._server.start()
-        log.info("health service listening", port=self.port)
+        log.info("health service listening", address=self.address, port=self.port)
 
     def stop(self) -> None:
         """Stop answering."""

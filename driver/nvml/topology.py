@@ -104,9 +104,15 @@ def load_topology(name_or_path: str | Path) -> Topology:
         raise ConfigError(f"cannot read fake NVML topology {path}: {exc}; fix or replace the file") from exc
     try:
         return _parse(doc, path)
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
         raise ConfigError(
-            f"fake NVML topology {path} is invalid: {exc!r}; compare with a shipped topology"
+            f"fake NVML topology {path} lacks the field {exc.args[0]!r}; add it, comparing with a "
+            "built-in topology (`gpu-dra topologies` lists them)"
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"fake NVML topology {path} is invalid: {exc}; fix it, comparing with a built-in topology "
+            "(`gpu-dra topologies` lists them)"
         ) from exc
 
 

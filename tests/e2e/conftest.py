@@ -1,9 +1,10 @@
 """Fixtures for end-to-end tests on simulated GPU nodes: ``cluster`` and ``node_factory``.
 
 Why: every scenario test needs the same ground - the session's control plane with the chart's
-ServiceAccount, RBAC and admission policy, and a few simulated nodes that are gone again when the
-test ends (the scheduler must never see a node of an earlier test). On a failing test the plugin's
-log tail and the kubelet emulator's records of each node are added to the report.
+ServiceAccount, RBAC and admission policy, and a few nodes (real kubelet, fake GPUs, the real
+plugin) that are gone again when the test ends (the scheduler must never see a node of an
+earlier test). On a failing test the plugin's log tail and the kubelet's records of each node are
+added to the report. A test marked ``real_kubelet`` fails if any of its nodes ran the emulator.
 
 What it does not do: start the control plane (tests/conftest.py does, once per session).
 """
@@ -16,7 +17,7 @@ import pytest
 from kubernetes import client as kclient
 
 from tests.ground.controlplane import ControlPlane
-from tests.ground.node import Cluster, NodeFactory, start_cluster_objects
+from tests.ground.node import REAL_KUBELET, Cluster, NodeFactory, start_cluster_objects
 
 _FACTORY_KEY = pytest.StashKey[NodeFactory]()
 
@@ -34,10 +35,16 @@ def node_factory(
     """Simulated nodes and applied manifests for one test; all deleted again at its end."""
     factory = NodeFactory(cluster, tmp_path_factory.mktemp("nodes"))
     request.node.stash[_FACTORY_KEY] = factory
+    made: list[tuple[str, str]] = []
     try:
         yield factory
+        made = [(n.name, n.kubelet_kind) for n in factory.nodes]
     finally:
         factory.cleanup()
+    # A test marked real_kubelet must not have run on the emulator behind the mark's back.
+    emulated = [name for name, kind in made if kind != REAL_KUBELET]
+    if request.node.get_closest_marker("real_kubelet") is not None and emulated:
+        pytest.fail(f"test marked real_kubelet ran nodes {emulated} on the kubelet emulator")
 
 
 @pytest.hookimpl(wrapper=True)

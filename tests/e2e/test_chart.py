@@ -247,8 +247,14 @@ def test_default_render(helm: Helm) -> None:
     assert env["STATE_DIR"] == "/var/lib/kubelet/plugins/gpu.nvidia.com"
     assert env["DRIVER_ROOT_CTR_PATH"] == "/driver-root"
     assert "FEATURE_GATES" not in env
+    # The kubelet's native gRPC probes on the plugin's health port (no process per probe).
     for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == ["gpu-dra", "probe"]
+        assert container[probe]["grpc"] == {"port": 51516}
+        assert "exec" not in container[probe]
+    assert env["HEALTHCHECK_PORT"] == "51516"
+    assert env["HEALTHCHECK_ADDRESS"] == "$(POD_IP)"
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["MPS_ROOT"] == "/run/nvidia/mps"  # the plugin's own --mps-root default
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     # Sockets and CDI specs are read by the kubelet and the runtime on the host: same path inside.
@@ -343,8 +349,13 @@ def test_extended_resource_follows_the_server_version(helm: Helm) -> None:
 
     assert er("v1.35.2") is None
     assert er("v1.36.0") == "nvidia.com/gpu"
-    old = Helm(helm.binary, helm.kubeconfig, helm.home, "v1.33.1").template("rel", "ns")
-    assert {o["apiVersion"] for o in old if o["kind"] == "DeviceClass"} == {"resource.k8s.io/v1beta1"}
+    # Below the README's floor (1.34) the chart refuses to install, saying so.
+    old = Helm(helm.binary, helm.kubeconfig, helm.home, "v1.33.1")
+    refused = old.run(
+        "template", "rel", str(CHART), "--namespace", "ns", "--kube-version", "v1.33.1", check=False
+    )
+    assert refused.returncode != 0
+    assert "chart requires kubeVersion: >=1.34.0-0" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -491,3 +502,62 @@ def test_uninstall_removes_every_object(
         _wait(f"{key} to be deleted by helm uninstall", functools.partial(_gone, read))
     listed = helm.run("list", "--all", "-n", installed.namespace, "-o", "json").stdout
     assert json.loads(listed) == []
+
+
+NVIDIA_VALUES = Path(__file__).resolve().parents[1] / "data" / "chart" / "nvidia-values.yaml"
+
+
+def test_a_values_file_written_for_nvidias_chart_installs_mapped(helm: Helm) -> None:
+    """NVIDIA's keys that mean the same thing are mapped; the others are listed as ignored."""
+    out = helm.run(
+        "template", "rel", str(CHART), "--namespace", "gpu-system", "--kube-version", helm.kube_version,
+        "-f", str(NVIDIA_VALUES),
+    ).stdout  # fmt: skip
+    ds = _one([d for d in yaml.safe_load_all(out) if d], "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = _env(ds)
+    assert pod["priorityClassName"] == "gpu-critical"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "dedicated"]
+    assert container["image"] == "registry.example.com/gpu-dra/gpu-dra:0.1.0"
+    assert container["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"}}
+    assert env["FEATURE_GATES"] == "DynamicMIG=true,MPSSupport=true,TimeSlicingSettings=true"
+    assert env["LOG_LEVEL"] == "debug"  # logVerbosity 6
+    assert env["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/nvidia/toolkit/nvidia-cdi-hook"
+    assert env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
+    assert container["livenessProbe"]["grpc"] == {"port": 51516}
+    # Their update strategy has no meaning here: seamless upgrades need the surge.
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+    notes = helm.run(
+        "install",
+        "rel",
+        str(CHART),
+        "--namespace",
+        "gpu-system",
+        "--dry-run=server",
+        "-f",
+        str(NVIDIA_VALUES),
+    ).stdout
+    ignored = notes.split("have no meaning for gpu-dra and were ignored:", 1)[1]
+    listed = {
+        line.strip().removeprefix("- ") for line in ignored.splitlines() if line.strip().startswith("- ")
+    }
+    assert listed == {
+        "allowDefaultNamespace",
+        "controller",
+        "gpuResourcesEnabledOverride",
+        "resources",
+        "webhook",
+        "kubeletPlugin.updateStrategy",
+        "kubeletPlugin.containers.computeDomains",
+    }
+    assert "exec ds/rel-gpu-dra-kubelet-plugin -- gpu-dra doctor" in notes
+    assert "<plugin pod>" not in notes
+
+
+def test_notes_of_a_plain_install_name_the_daemonset(helm: Helm) -> None:
+    notes = helm.run("install", "rel", str(CHART), "--namespace", "gpu-system", "--dry-run=server").stdout
+    assert "kubectl -n gpu-system exec ds/rel-gpu-dra-kubelet-plugin -- gpu-dra doctor" in notes
+    assert "no meaning for gpu-dra" not in notes

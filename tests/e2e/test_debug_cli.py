@@ -93,7 +93,7 @@ def checks(result: Result) -> dict[str, dict[str, Any]]:
 
 
 def failing(result: Result) -> list[str]:
-    return [name for name, c in checks(result).items() if not c["ok"]]
+    return [name for name, c in checks(result).items() if c["status"] == "fail"]
 
 
 # -- the nodes -----------------------------------------------------------------------------------

@@ -316,7 +316,7 @@ def case_not_needed(g: Ground) -> None:
 def case_claims_get(g: Ground) -> None:
     """Without resourceclaims/get, prepare cannot read the allocation: a per-claim error, forbidden."""
     with pytest.raises(KubeletError) as info:
-        g.node.emulator.prepare(DRIVER_NAME, [g.claim_ref()])
+        g.node.kubelet.prepare(DRIVER_NAME, [g.claim_ref()])
     assert forbidden("get", "resourceclaims") in str(info.value)
     assert g.node.cdi_spec(g.claim_uid) is None
     assert g.claim_uid not in g.node.checkpoint()
@@ -383,11 +383,11 @@ def allocated_claim(api: kclient.ApiClient, namespace: str, name: str, node: str
 
 def prepare_and_unprepare(g: Ground) -> bool:
     """Prepare the claim (the CDI spec appears), then unprepare it (the node is clean again)."""
-    prepared = g.node.emulator.prepare(DRIVER_NAME, [g.claim_ref()])
+    prepared = g.node.kubelet.prepare(DRIVER_NAME, [g.claim_ref()])
     [device] = prepared[g.claim_uid]
     assert (device.pool_name, device.device_name) == (g.node.name, "gpu-1")
     assert g.node.cdi_spec(g.claim_uid) is not None
-    g.node.emulator.unprepare(DRIVER_NAME, [g.claim_ref()])
+    g.node.kubelet.unprepare(DRIVER_NAME, [g.claim_ref()])
     assert g.node.cdi_spec(g.claim_uid) is None
     return True
 

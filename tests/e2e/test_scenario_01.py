@@ -1,9 +1,9 @@
 """Scenario 01: a GPU chosen by description (architecture and memory), not by count.
 
-tests/data/scenarios/01-attribute-selection/expect.md, on the real control plane with simulated
-nodes gpu-a100 (8x A100-SXM4-40GB) and gpu-t4 (4x T4), for a 1.34-style kubelet (DRA v1) and a
-1.32-style one (v1beta1 only). One flow covers both halves of the expectation: with only gpu-t4
-the pod stays Pending and nothing is allocated there; once gpu-a100 joins, the pod lands on it,
+tests/data/scenarios/01-attribute-selection/expect.md, on the real control plane with nodes
+gpu-a100 (8x A100-SXM4-40GB) and gpu-t4 (4x T4), for the real kubelet (DRA v1) and the emulator
+playing a 1.32 kubelet (v1beta1 only). One flow covers both halves of the expectation: with only
+gpu-t4 the pod stays Pending and nothing is allocated there; once gpu-a100 joins, the pod lands on it,
 is prepared with one GPU whose CDI device resolves to that GPU's device node plus the control
 nodes, and deleting the Deployment unprepares the claim.
 """
@@ -42,8 +42,9 @@ CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
     [
-        pytest.param(KUBELET_134_SERVICES, id="kubelet-1.34-v1"),
-        pytest.param(KUBELET_132_SERVICES, id="kubelet-1.32-v1beta1"),
+        pytest.param(KUBELET_134_SERVICES, id="real-kubelet", marks=pytest.mark.real_kubelet),
+        # No v1beta1-only (1.32) kubelet is built here: the emulator plays one (see tests.ground.node).
+        pytest.param(KUBELET_132_SERVICES, id="emulated-kubelet-1.32-v1beta1"),
     ],
 )
 
@@ -102,7 +103,7 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(
     assert "claim" in unschedulable_message(pending), unschedulable_message(pending)
     claim = pod_claim(node_factory.api, pending, "gpu-0")
     assert claim is not None and allocation_results(claim) == []
-    assert t4.emulator.calls == []
+    assert t4.kubelet.calls == []
     assert t4.checkpoint() == {}
     assert not list(t4.cdi_root.glob("*.json"))
 
@@ -129,11 +130,11 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(
     assert published["capacity"]["memory"]["value"] in ("40Gi", "42949672960")
 
     # NodePrepareResources: one call, over the service this kubelet picked, one device.
-    assert a100.emulator.plugin_for(DRIVER_NAME) is not None
-    assert a100.emulator.plugin_for(DRIVER_NAME).service == kubelet[0]  # type: ignore[union-attr]
-    prepares = [c for c in a100.emulator.calls if c.method == PREPARE]
+    assert a100.kubelet.plugin_for(DRIVER_NAME) is not None
+    assert a100.kubelet.plugin_for(DRIVER_NAME).service == kubelet[0]  # type: ignore[union-attr]
+    prepares = [c for c in a100.kubelet.calls if c.method == PREPARE]
     assert [(c.claims, c.error) for c in prepares] == [(((NS, uid, claim["metadata"]["name"]),), "")]
-    (prepared,) = a100.emulator.claim_devices(uid)
+    (prepared,) = a100.kubelet.claim_devices(uid)
     cdi_id = f"k8s.gpu.nvidia.com/claim={uid}-{device}"
     assert (prepared.pool_name, prepared.device_name, prepared.cdi_device_ids) == (
         "gpu-a100",
@@ -141,13 +142,13 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(
         (cdi_id,),
     )
     assert prepared.request_names == ("gpu-0",)
-    assert a100.emulator.pod_cdi_devices[pod["metadata"]["uid"]] == {"gpu-demo-app": [cdi_id]}
+    assert a100.kubelet.pod_cdi_devices[pod["metadata"]["uid"]] == {"gpu-demo-app": [cdi_id]}
     recorded = a100.checkpoint()[uid]
     assert recorded.state == "PrepareCompleted"
     assert [(d.device, d.cdi_device_ids) for d in recorded.devices] == [(device, [cdi_id])]
     assert_resolves_to_gpu(a100, uid, device, cdi_id)
     # Nothing happened on the T4 node meanwhile.
-    assert t4.emulator.calls == [] and t4.checkpoint() == {}
+    assert t4.kubelet.calls == [] and t4.checkpoint() == {}
 
     # Deleting the Deployment unprepares: spec gone, checkpoint without the claim.
     node_factory.delete([deployment])
@@ -159,5 +160,5 @@ def test_pod_gets_an_ampere_gpu_on_gpu_a100_and_never_a_t4(
     wait_for(lambda: uid not in a100.checkpoint(), WAIT_S, "the claim to leave the checkpoint")
     assert a100.cdi_spec(uid) is None
     assert not list(a100.cdi_root.glob("*.json"))
-    unprepares = [c for c in a100.emulator.calls if c.method == UNPREPARE]
+    unprepares = [c for c in a100.kubelet.calls if c.method == UNPREPARE]
     assert [(c.claims, c.error) for c in unprepares] == [(((NS, uid, claim["metadata"]["name"]),), "")]

@@ -1,8 +1,9 @@
 """Scenario 02 end to end: three replicas time-slice one GPU through one named claim.
 
-On the real control plane with a simulated ``gpu-a100`` (8x A100-SXM4-40GB): the scheduler
-allocates one GPU for the claim, the kubelet emulator prepares it once for the three pods, the
-plugin sets compute mode DEFAULT and time-slice Long through the ``nvidia-smi`` stand-in, and
+On the real control plane with ``gpu-a100`` (8x A100-SXM4-40GB) under the real kubelet: the
+scheduler allocates one GPU for the claim; the kubelet asks for it up to once per pod (the three
+pods' syncs race, and kubelet 1.36 then calls NodePrepareResources for each) and the plugin
+prepares it once: it sets compute mode DEFAULT and time-slice Long through the ``nvidia-smi`` stand-in, and
 scaling to zero restores the default. Invalid sharing configs fail prepare per claim, naming the
 field and the allowed values, and leave the GPU, the CDI dir and the checkpoint untouched.
 
@@ -187,7 +188,7 @@ def failing_claims(
         out: dict[str, str] = {}
         for name in configs:
             pods = list_pods(node.api, namespace, name)
-            error = node.emulator.pod_errors.get(pods[0]["metadata"]["uid"]) if pods else None
+            error = node.kubelet.pod_errors.get(pods[0]["metadata"]["uid"]) if pods else None
             if error is None:
                 return None
             out[name] = error
@@ -203,7 +204,7 @@ def failing_claims(
 def _successful_prepares(node: SimulatedNode, claim_uid: str) -> int:
     return sum(
         1
-        for c in node.emulator.calls
+        for c in node.kubelet.calls
         if c.method == "NodePrepareResources"
         and not c.error
         and any(uid == claim_uid for _, uid, _ in c.claims)
@@ -222,13 +223,14 @@ def test_three_pods_time_slice_one_gpu(node_factory: NodeFactory) -> None:
     uid = ref[1]
     (result,) = results(claim)
     assert {r["uid"] for r in claim["status"]["reservedFor"]} == {p["metadata"]["uid"] for p in pods}
-    # Every pod's container got the same single CDI device of the one claim.
-    cdi_ids = {tuple(node.emulator.pod_cdi_devices[p["metadata"]["uid"]][APP]) for p in pods}
-    assert len(cdi_ids) == 1, cdi_ids
-    (cdi_id,) = next(iter(cdi_ids))
+    # Every pod's container got the same single CDI device of the one claim (the kubelet repeats
+    # it once per racing prepare call; runtimes inject a CDI device once however often named).
+    cdi_ids = {cdi for p in pods for cdi in node.kubelet.pod_cdi_devices[p["metadata"]["uid"]][APP]}
+    (cdi_id,) = cdi_ids
 
-    # Prepared once for the three pods: DEFAULT compute mode and time-slice Long, via nvidia-smi.
-    assert _successful_prepares(node, uid) == 1, node.diagnostics()
+    # Prepared once for the three pods: DEFAULT compute mode and time-slice Long, via nvidia-smi
+    # once, however many of the pods' syncs called NodePrepareResources.
+    assert 1 <= _successful_prepares(node, uid) <= 3, node.diagnostics()
     (device,) = node.checkpoint()[uid].devices
     gpu = device.gpu_uuid
     state = node.gpu_state()
@@ -247,8 +249,9 @@ def test_three_pods_time_slice_one_gpu(node_factory: NodeFactory) -> None:
     # A second prepare of the same claim (a kubelet retry, another pod) returns the same
     # devices and does nothing twice.
     journal_before = node.journal()
-    again = node.emulator.prepare(DRIVER_NAME, [ref])
-    assert again[uid] == node.emulator.claim_devices(uid)
+    again = node.kubelet.prepare(DRIVER_NAME, [ref])
+    # (The kubelet stored the devices once per racing call; the set is what counts.)
+    assert set(again[uid]) == set(node.kubelet.claim_devices(uid))
     assert [d.device_name for d in again[uid]] == [result["device"]]
     assert node.journal() == journal_before
     assert node.gpu_state()[gpu]["timeslice"] == 3

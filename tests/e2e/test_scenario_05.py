@@ -1,8 +1,8 @@
 """Scenario 05: a platform team's DeviceClass (>= 40 GiB) plus a claim narrowing it to A100 80GB.
 
-tests/data/scenarios/05-high-memory-class/expect.md, on the real control plane with simulated
-nodes gpu-a100-80 (4x A100-SXM4-80GB) and gpu-a100 (8x A100-SXM4-40GB), for a 1.34-style kubelet
-(DRA v1) and a 1.32-style one (v1beta1 only): the Job's pod lands on gpu-a100-80 with one 80 GB
+tests/data/scenarios/05-high-memory-class/expect.md, on the real control plane with nodes
+gpu-a100-80 (4x A100-SXM4-80GB) and gpu-a100 (8x A100-SXM4-40GB), for the real kubelet (DRA v1)
+and the emulator playing a 1.32 kubelet (v1beta1 only): the Job's pod lands on gpu-a100-80 with one 80 GB
 card, and the class as the source article wrote it (``memory >= quantity("40Gi")``) is refused
 by the real API server with the CEL compile error.
 """
@@ -38,8 +38,9 @@ WAIT_S = 90.0
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
     [
-        pytest.param(KUBELET_134_SERVICES, id="kubelet-1.34-v1"),
-        pytest.param(KUBELET_132_SERVICES, id="kubelet-1.32-v1beta1"),
+        pytest.param(KUBELET_134_SERVICES, id="real-kubelet", marks=pytest.mark.real_kubelet),
+        # No v1beta1-only (1.32) kubelet is built here: the emulator plays one (see tests.ground.node).
+        pytest.param(KUBELET_132_SERVICES, id="emulated-kubelet-1.32-v1beta1"),
     ],
 )
 
@@ -99,24 +100,24 @@ def test_job_lands_on_an_a100_80gb(node_factory: NodeFactory, kubelet: tuple[str
     # The 40 GB cards pass the class but not the claim's productName selector.
     assert slice_device(small, "gpu-0")["attributes"]["productName"] == {"string": "NVIDIA A100-SXM4-40GB"}
 
-    (prepared,) = big.emulator.claim_devices(uid)
+    (prepared,) = big.kubelet.claim_devices(uid)
     cdi_id = f"k8s.gpu.nvidia.com/claim={uid}-{result['device']}"
     assert (prepared.pool_name, prepared.device_name, prepared.cdi_device_ids) == (
         "gpu-a100-80",
         result["device"],
         (cdi_id,),
     )
-    assert big.emulator.pod_cdi_devices[pod["metadata"]["uid"]] == {"trainer": [cdi_id]}
+    assert big.kubelet.pod_cdi_devices[pod["metadata"]["uid"]] == {"trainer": [cdi_id]}
     assert big.checkpoint()[uid].state == "PrepareCompleted"
     assert big.cdi_spec(uid) is not None
-    assert [(c.method, c.service) for c in big.emulator.calls] == [(PREPARE, kubelet[0])]
-    assert small.emulator.calls == [] and small.checkpoint() == {}
+    assert [(c.method, c.service) for c in big.kubelet.calls] == [(PREPARE, kubelet[0])]
+    assert small.kubelet.calls == [] and small.checkpoint() == {}
 
     # The trainer finishes: the kubelet unprepares the claim of the completed pod.
-    big.emulator.complete_pod(NS, pod["metadata"]["name"])
+    big.kubelet.complete_pod(NS, pod["metadata"]["name"])
     # The emulator records a call once the answer is back; the checkpoint changes before that.
     unprepares = wait_for(
-        lambda: [c for c in big.emulator.calls if c.method == UNPREPARE],
+        lambda: [c for c in big.kubelet.calls if c.method == UNPREPARE],
         WAIT_S,
         "the kubelet to unprepare the finished Job's claim",
     )

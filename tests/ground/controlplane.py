@@ -6,8 +6,13 @@ Go-built etcd, kube-apiserver, kube-scheduler and kube-controller-manager in a w
 free loopback ports, with their own CA, service-account signing key and an admin client cert, and
 stops them again - also when a test crashes (process groups, parent-death signal, atexit).
 
-What it does not do: run a kubelet or node lifecycle (there are no heartbeats; tests create Node
-objects with `create_node`), networking, or anything a pod needs to actually run.
+The API server authorizes as a real cluster does (``--authorization-mode=Node,RBAC`` with the
+NodeRestriction admission plugin), so real kubelets (tests.ground.realkubelet) work under node
+restriction, and so does the plugin beside them.
+
+What it does not do: run a kubelet, or node lifecycle unless asked (``node_lifecycle=True``, for
+clusters whose nodes are all real kubelets: nodes made with `create_node` never heartbeat and would
+be tainted and evicted), networking, or anything a pod needs to actually run.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ _PRE_136_GATES = (
     "DRAPrioritizedList",
     "DRAConsumableCapacity",
 )
+# DeviceTaintRule has a gate of its own since 1.35 (split from DRADeviceTaints); on 1.36 it is
+# beta but off by default, and the seeds' DeviceTaintRule manifests need it.
+_TAINT_RULES_GATE = "DRADeviceTaintRules"
 
 
 class ControlPlaneError(RuntimeError):
@@ -76,9 +84,11 @@ def _minor(version: str) -> int:
 
 def feature_gates(version: str) -> list[str]:
     """`--feature-gates` entries for a version (same for all components)."""
-    if _minor(version) < 36:
-        return [f"{g}=true" for g in _PRE_136_GATES]
-    return []
+    minor = _minor(version)
+    gates = [f"{g}=true" for g in _PRE_136_GATES] if minor < 36 else []
+    if minor >= 35:
+        gates.append(f"{_TAINT_RULES_GATE}=true")
+    return gates
 
 
 def merge_feature_gates(gates: Sequence[str], extra: Mapping[str, bool] | None) -> list[str]:
@@ -93,15 +103,16 @@ def merge_feature_gates(gates: Sequence[str], extra: Mapping[str, bool] | None) 
 
 
 def runtime_config(version: str) -> list[str]:
-    """`--runtime-config` entries: extra resource.k8s.io versions the alpha gates need."""
+    """`--runtime-config` entries: the resource.k8s.io versions users' manifests are written in.
+
+    The beta versions are off by default since v1 went GA, yet seed manifests (and clusters
+    upgraded from 1.32/1.33) still use them, and DeviceTaintRule is served in v1beta2 on 1.36.
+    """
+    served = ["resource.k8s.io/v1beta1=true", "resource.k8s.io/v1beta2=true"]
     if _minor(version) < 36:
         # DeviceTaintRule lives in v1alpha3 while DRADeviceTaints is alpha.
-        return [
-            "resource.k8s.io/v1beta1=true",
-            "resource.k8s.io/v1beta2=true",
-            "resource.k8s.io/v1alpha3=true",
-        ]
-    return []
+        served.append("resource.k8s.io/v1alpha3=true")
+    return served
 
 
 def free_port() -> int:
@@ -420,9 +431,16 @@ def _self_signed_ok() -> ssl.SSLContext:
 
 
 def start_control_plane(
-    workdir: Path, version: str = "v1.36.3", extra_feature_gates: Mapping[str, bool] | None = None
+    workdir: Path,
+    version: str = "v1.36.3",
+    extra_feature_gates: Mapping[str, bool] | None = None,
+    *,
+    node_lifecycle: bool = False,
 ) -> ControlPlane:
     """Starts etcd, kube-apiserver, kube-scheduler, kube-controller-manager; waits until ready.
+
+    ``node_lifecycle`` adds the node-lifecycle controller (not-ready taints, eviction from dead
+    nodes): only for clusters whose nodes are all real kubelets.
 
     ``extra_feature_gates`` go to apiserver, scheduler and controller-manager after the
     version's own gates, overriding any of the same name (e.g. ``{"DRAPartitionableDevices":
@@ -475,7 +493,8 @@ def start_control_plane(
                 f"--tls-cert-file={pki.server_crt}",
                 f"--tls-private-key-file={pki.server_key}",
                 f"--client-ca-file={pki.ca_crt}",
-                "--authorization-mode=RBAC",
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
@@ -507,6 +526,7 @@ def start_control_plane(
                 f"--cert-dir={workdir / 'sched-certs'}",
             ],
         )
+        controllers = [*CONTROLLERS, *(["node-lifecycle-controller"] if node_lifecycle else [])]
         kcm = cp._spawn(
             "kube-controller-manager",
             [
@@ -514,7 +534,7 @@ def start_control_plane(
                 *common,
                 f"--secure-port={kcm_port}",
                 f"--cert-dir={workdir / 'kcm-certs'}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(controllers)}",
                 f"--service-account-private-key-file={pki.sa_key}",
                 f"--root-ca-file={pki.ca_crt}",
                 "--use-service-account-credentials=false",

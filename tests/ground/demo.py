@@ -1,8 +1,9 @@
-"""``make demo``: gpu-dra on a simulated 8x A100 node against a real local control plane.
+"""``make demo``: gpu-dra on a fake 8x A100 node with the real kubelet, against a local control plane.
 
 Why: the quickest way for a person to see the driver do its job end to end - the real API server
 and scheduler allocate GPUs for unchanged user manifests (scenarios 01 and 06), the real plugin
-process prepares them for the emulated kubelet, and the result is printed: for each pod its
+process prepares them for the real kubelet (over a fake container runtime; as root, in a private
+mount namespace), and the result is printed: for each pod its
 node, devices and CDI ids, then the CDI spec one claim got. ``--keep`` leaves it all running
 and prints how to look around.
 
@@ -82,7 +83,7 @@ def pod_rows(
     for pod in pods:
         meta = pod["metadata"]
         node_name, phase = pod_phase_on(pod)
-        cdi = node.emulator.pod_cdi_devices.get(meta["uid"], {})
+        cdi = node.kubelet.pod_cdi_devices.get(meta["uid"], {})
         for entry in pod["spec"].get("resourceClaims") or []:
             claim = pod_claim(factory.api, pod, entry["name"])
             claim_name = claim["metadata"]["name"] if claim else "(none yet)"
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
                 if d["name"].count("-") == 1
             }
         )
-        step(f"plugin registered with the kubelet emulator; ResourceSlices publish {len(gpus)} GPUs", t0)
+        kind = node.kubelet_kind
+        step(f"plugin registered with the {kind} kubelet; ResourceSlices publish {len(gpus)} GPUs", t0)
         objects: list[dict[str, Any]] = []
         for name in SCENARIOS:
             objects += factory.apply(scenario_path(name))
@@ -169,13 +171,15 @@ def run(args: argparse.Namespace) -> int:
         rows, uid = pod_rows(factory, node, pods)
         say()
         say(table(rows, ["POD", "NODE (PHASE)", "CLAIM", "DEVICES", "CDI DEVICE IDS"]))
-        prepares = [c for c in node.emulator.calls if c.method == PREPARE]
+        prepares = [c for c in node.kubelet.calls if c.method == PREPARE]
         say()
-        registration = node.emulator.plugin_for(DRIVER_NAME)
+        registration = node.kubelet.plugin_for(DRIVER_NAME)
         service = registration.service if registration else "?"
+        claims = {uid for c in prepares for _, uid, _ in c.claims}
         say(
-            f"{len(prepares)} NodePrepareResources calls over DRA {service}: "
-            "the claim both 06 pods share was prepared once."
+            f"{len(prepares)} NodePrepareResources calls over DRA {service} for {len(claims)} claims "
+            f"(the {node.kubelet_kind} kubelet may ask once per pod for the claim both 06 pods share; "
+            "the plugin prepares it once)."
         )
         spec = node.cdi_spec(uid)
         say()
@@ -195,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             # The control plane goes away with everything in it: only the processes need stopping.
             for n in factory.nodes:
                 n.kill_plugin(signal.SIGTERM)
-                n.emulator.stop()
+                n.kubelet.stop()
                 shutil.rmtree(n.socket_base, ignore_errors=True)
         closer: Any = api.close
         closer()

@@ -783,6 +783,16 @@ class KubeletEmulator:
             )
             self._changed.notify_all()
 
+    def diagnostics(self) -> list[str]:
+        """Lines a failing test shows: registrations, the last calls, pod and sync errors."""
+        return [
+            f"kubelet emulator, services {list(self.known_services)}",
+            f"registrations: {[(r.service, r.error or 'ok') for r in self.registrations]}",
+            f"calls: {[(c.method, [n for _, _, n in c.claims], c.error or 'ok') for c in self.calls[-10:]]}",
+            f"pod errors: {self.pod_errors}",
+            f"sync errors: {self.sync_errors[-3:]}",
+        ]
+
     # ------------------------------------------------------------------ pod-driven mode
 
     def start_pod_sync(self, interval: float = 0.2) -> None:

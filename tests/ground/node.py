@@ -1,13 +1,17 @@
 # HARNESS-READY
-"""A simulated GPU node for end-to-end tests: fake GPUs, the real plugin process, an emulated kubelet.
+"""A GPU node for end-to-end tests: fake GPUs, the real plugin process, the real kubelet.
 
 Why: the scenarios must show that gpu-dra serves users' manifests unchanged against a real API
-server and scheduler. A :class:`SimulatedNode` is everything a GPU node contributes: a Node object,
-a fake NVML topology and its state file, a fake driver root with the ``nvidia-smi`` /
-``nvidia-cuda-mps-control`` stand-ins, the real ``python -m driver plugin`` process, and the
-kubelet emulator preparing what the scheduler allocated. The plugin authenticates with a token of
-the Helm chart's ServiceAccount bound to a placeholder Pod on its node (the token then carries the
-node name), so the chart's RBAC and admission policy are exercised by every e2e test.
+server, scheduler and kubelet. A :class:`SimulatedNode` is everything a GPU node contributes: a
+fake NVML topology and its state file, a fake driver root with the ``nvidia-smi`` /
+``nvidia-cuda-mps-control`` stand-ins, the real ``python -m driver plugin`` process, and a kubelet
+preparing what the scheduler allocated. That kubelet is the real one over a fake CRI runtime
+(tests.ground.realkubelet; it registers the Node itself) unless a test asks for the emulator
+(tests.ground.kubelet), which only tests that inject kubelet-side faults, or need a kubelet
+release that is not built here (a v1beta1-only 1.32 kubelet), should do. The plugin authenticates
+with a token of the Helm chart's ServiceAccount bound to a placeholder Pod on its node (the token
+then carries the node name), so the chart's RBAC and admission policy are exercised by every e2e
+test.
 
 Also here: applying and deleting manifests of any kind over plain REST, and a polling ``wait_for``.
 
@@ -45,6 +49,7 @@ from tests.ground import peers
 from tests.ground.controlplane import ControlPlane
 from tests.ground.driverroot import FakeDriverRoot, make_fake_driver_root
 from tests.ground.kubelet import KUBELET_134_SERVICES, KubeletEmulator
+from tests.ground.realkubelet import RealKubelet
 from tests.ground.standins import install_standins, read_gpu_state, read_journal
 
 log = structlog.get_logger(__name__)
@@ -59,6 +64,10 @@ SCENARIOS = REPO / "tests" / "data" / "scenarios"
 #: differs from the one tests/e2e/test_chart.py installs, so their cluster-scoped names never clash.
 RELEASE = "e2e"
 NAMESPACE = "gpu-dra-e2e"
+
+#: ``kubelet=`` choices of a node: Kubernetes' kubelet over fakecri, or our kubelet emulator.
+REAL_KUBELET = "real"
+EMULATED_KUBELET = "emulator"
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
@@ -376,10 +385,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def kubelet_for(kubelet_services: Sequence[str], kubelet: str | None) -> str:
+    """The kubelet a node gets: ``kubelet`` if given, else the real one unless the services ask
+    for an older kubelet than the one built here (a v1beta1-only 1.32 kubelet: the emulator)."""
+    if kubelet is not None:
+        if kubelet not in (REAL_KUBELET, EMULATED_KUBELET):
+            raise ValueError(f"kubelet={kubelet!r}: pick {REAL_KUBELET!r} or {EMULATED_KUBELET!r}")
+        return kubelet
+    return REAL_KUBELET if tuple(kubelet_services) == KUBELET_134_SERVICES else EMULATED_KUBELET
+
+
 class SimulatedNode:
     """A GPU node: fake NVML topology + fake driver root (with nvidia-smi / nvidia-cuda-mps-control
-    stand-ins) + the real ``gpu-dra plugin`` process + the kubelet emulator, against the real
-    control plane."""
+    stand-ins) + the real ``gpu-dra plugin`` process + a kubelet (real by default, see the module
+    docstring), against the real control plane."""
 
     def __init__(
         self,
@@ -389,6 +408,7 @@ class SimulatedNode:
         workdir: Path,
         *,
         kubelet_services: Sequence[str] = KUBELET_134_SERVICES,
+        kubelet: str | None = None,
         mig_mode: str = "dynamic",
         allow_mig_mode_change: bool = False,
         extra_args: Sequence[str] = (),
@@ -400,6 +420,7 @@ class SimulatedNode:
         self.topology = topology
         self.workdir = Path(workdir)
         self.kubelet_services = tuple(kubelet_services)
+        self.kubelet_kind = kubelet_for(self.kubelet_services, kubelet)
         self.mig_mode = mig_mode
         self.allow_mig_mode_change = allow_mig_mode_change
         self.extra_args = tuple(extra_args)
@@ -409,8 +430,6 @@ class SimulatedNode:
 
         # Unix socket paths are limited to 108 bytes: sockets (and MPS pipes) live in a short dir.
         self.socket_base = Path(tempfile.mkdtemp(prefix="gsn-", dir="/tmp"))
-        self.registry_dir = self.socket_base / "reg"
-        self.plugins_dir = self.socket_base / "plug"
         self.mps_root = self.socket_base / "mps"
         self.cdi_root = self.workdir / "cdi"
         self.state_dir = self.workdir / "state"
@@ -422,16 +441,36 @@ class SimulatedNode:
         self.placeholder_pod = f"gpu-dra-plugin-{name}"
         self.node: dict[str, Any] | None = None
         self.api = control_plane.api_client()
-        self.emulator = KubeletEmulator(
-            name, self.api, self.registry_dir, known_services=self.kubelet_services
-        )
+        self.kubelet: RealKubelet | KubeletEmulator
+        if self.kubelet_kind == REAL_KUBELET:
+            self.kubelet = RealKubelet(
+                control_plane,
+                name,
+                self.socket_base,
+                self.workdir / "kubelet",
+                labels={"nvidia.com/gpu.present": "true"},
+            )
+            self.registry_dir = self.kubelet.registry_dir
+            self.plugins_dir = self.kubelet.plugins_dir
+        else:
+            self.registry_dir = self.socket_base / "reg"
+            self.plugins_dir = self.socket_base / "plug"
+            self.kubelet = KubeletEmulator(
+                name, self.api, self.registry_dir, known_services=self.kubelet_services
+            )
         self._proc: subprocess.Popen[bytes] | None = None
+        self._retired: list[subprocess.Popen[bytes]] = []
         self._started = False
         self._t0 = time.monotonic()
         self._registrations_before = 0
 
     def __repr__(self) -> str:
-        return f"SimulatedNode({self.name!r}, {self.topology!r}, services={list(self.kubelet_services)})"
+        return f"SimulatedNode({self.name!r}, {self.topology!r}, kubelet={self.kubelet_kind})"
+
+    @property
+    def emulator(self) -> RealKubelet | KubeletEmulator:
+        """The node's kubelet (:attr:`kubelet`) under its old name; both record alike."""
+        return self.kubelet
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -449,25 +488,32 @@ class SimulatedNode:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.registry_dir.mkdir(parents=True, exist_ok=True)
         self.cluster_objects = install_cluster_objects(self.control_plane, device_classes=False)
-        self.node = self.control_plane.create_node(self.name, labels={"nvidia.com/gpu.present": "true"})
         self._started = True
+        if isinstance(self.kubelet, RealKubelet):
+            self.kubelet.start()
+            self.node = self.kubelet.wait_node_ready(self.api)
+        else:
+            self.node = self.control_plane.create_node(self.name, labels={"nvidia.com/gpu.present": "true"})
         self.driver_root = make_fake_driver_root(self.workdir / "driver-root", self.gpu_minors)
         install_standins(self.driver_root.bin_dir, self.fake_state)
         self._write_kubeconfig()
-        self.emulator.start()
+        if isinstance(self.kubelet, KubeletEmulator):
+            self.kubelet.start()
         self._registrations_before = self._ok_registrations()
         self.start_plugin(wait=False)
         return self
 
     def wait_ready(self) -> SimulatedNode:
-        """The second half of :meth:`start`: registered, pool published, emulator syncing pods."""
+        """The second half of :meth:`start`: registered, pool published, the kubelet syncing pods."""
         self._wait_registered(self._registrations_before)
         self.wait_published()
-        self.emulator.start_pod_sync()
+        if isinstance(self.kubelet, KubeletEmulator):
+            self.kubelet.start_pod_sync()
         log.info(
             "simulated node ready",
             node=self.name,
             topology=self.topology,
+            kubelet=self.kubelet_kind,
             seconds=round(time.monotonic() - self._t0, 2),
         )
         return self
@@ -554,13 +600,28 @@ class SimulatedNode:
         if wait:
             self._wait_registered(before)
 
+    def start_successor(self, pod_uid: str) -> subprocess.Popen[bytes] | None:
+        """A rolling update: a new plugin instance (``--pod-uid``) beside the running one.
+
+        Returns once the kubelet registered it; from then on it is this node's plugin
+        (``kill_plugin``, ``plugin_pid`` act on it). The old process is returned for the test to
+        end; :meth:`stop` ends it too.
+        """
+        old = self._proc
+        if old is not None:
+            self._retired.append(old)
+        self.pod_uid = pod_uid
+        self._proc = None
+        self.start_plugin()
+        return old
+
     def _ok_registrations(self) -> int:
-        return len([r for r in self.emulator.registrations if r.ok])
+        return len([r for r in self.kubelet.registrations if r.ok])
 
     def _wait_registered(self, before: int) -> None:
         self._wait_plugin(
-            lambda: self._ok_registrations() > before and self.emulator.is_connected(DRIVER_NAME),
-            "the plugin to register with the kubelet emulator",
+            lambda: self._ok_registrations() > before and self.kubelet.is_connected(DRIVER_NAME),
+            f"the plugin to register with the {self.kubelet_kind} kubelet",
         )
 
     def _wait_plugin(
@@ -624,9 +685,17 @@ class SimulatedNode:
                 proc.wait()
 
     def stop(self) -> None:
-        """Stop plugin and emulator, delete the placeholder pod, the Node and its slices. Idempotent."""
+        """Stop plugin and kubelet, delete the placeholder pod, the Node and its slices. Idempotent."""
         self.kill_plugin(signal.SIGTERM)
-        self.emulator.stop()
+        for old in self._retired:
+            if old.poll() is None:
+                old.terminate()
+                try:
+                    old.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    old.kill()
+                    old.wait()
+        self.kubelet.stop()
         if self._started:
             self._started = False
             core: Any = kclient.CoreV1Api(self.api)
@@ -728,21 +797,17 @@ class SimulatedNode:
         return "\n".join(self.plugin_log.read_text(errors="replace").splitlines()[-lines:])
 
     def diagnostics(self, lines: int = LOG_TAIL_LINES) -> str:
-        """Plugin state and log tail plus the emulator's records: what a failing test should show."""
+        """Plugin state and log tail plus the kubelet's records: what a failing test should show."""
         if self._proc is None:
             state = "not started"
         elif self._proc.poll() is None:
             state = f"running (pid {self._proc.pid})"
         else:
             state = f"exited {self._proc.returncode}"
-        emu = self.emulator
         parts = [
-            f"node {self.name} ({self.topology}, kubelet {list(self.kubelet_services)}); plugin {state}",
+            f"node {self.name} ({self.topology}, {self.kubelet_kind} kubelet); plugin {state}",
             f"workdir {self.workdir}; plugin log {self.plugin_log}",
-            f"registrations: {[(r.service, r.error or 'ok') for r in emu.registrations]}",
-            f"calls: {[(c.method, [n for _, _, n in c.claims], c.error or 'ok') for c in emu.calls[-10:]]}",
-            f"pod errors: {emu.pod_errors}",
-            f"sync errors: {emu.sync_errors[-3:]}",
+            *self.kubelet.diagnostics(),
             f"--- last {lines} lines of the plugin log:",
             self.log_tail(lines),
         ]
@@ -793,12 +858,19 @@ class NodeFactory:
     """
 
     def __init__(
-        self, cluster: Cluster, workdir: Path, *, kubelet_services: Sequence[str] = KUBELET_134_SERVICES
+        self,
+        cluster: Cluster,
+        workdir: Path,
+        *,
+        kubelet_services: Sequence[str] = KUBELET_134_SERVICES,
+        kubelet: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.api = cluster.api
         self.workdir = Path(workdir)
         self.kubelet_services = tuple(kubelet_services)
+        #: ``kubelet=`` for new nodes (None: the real kubelet unless ``kubelet_services`` asks for 1.32).
+        self.kubelet = kubelet
         self.nodes: list[SimulatedNode] = []
         self.applied: list[dict[str, Any]] = []
         self._fenced = self._cordon_others()
@@ -807,6 +879,7 @@ class NodeFactory:
     def node(self, name: str, topology: str, **kwargs: Any) -> SimulatedNode:
         """A node registered for cleanup, not started yet."""
         kwargs.setdefault("kubelet_services", self.kubelet_services)
+        kwargs.setdefault("kubelet", self.kubelet)
         node = SimulatedNode(self.cluster.control_plane, name, topology, self.workdir / name, **kwargs)
         self.nodes.append(node)
         return node

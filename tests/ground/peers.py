@@ -1,9 +1,10 @@
 """Paths to the Go-built test peers, building them on first use.
 
-Why: tests stand on real upstream parts (etcd, kube-*, helm, the CDI library, a mock
-libnvidia-ml) built by ``tests/peers/build.sh`` from pinned Go modules and cached under
-``~/.cache/gpu-dra/peers``. This module is the one place tests ask for them; it calls the script
-(cached and idempotent, so a warm call costs a fraction of a second) and returns paths.
+Why: tests stand on real upstream parts (etcd, kube-*, the kubelet with a fake CRI runtime,
+helm, the CDI library, a mock libnvidia-ml) built by ``tests/peers/build.sh`` from pinned Go
+modules and cached under ``~/.cache/gpu-dra/peers``. This module is the one place tests ask for
+them; it calls the script (cached and idempotent, so a warm call costs a fraction of a second)
+and returns paths.
 
 What it does not do: download prebuilt binaries, or decide versions - the pins live in
 ``tests/peers/pins.env``.
@@ -102,6 +103,16 @@ def k8s_bin_dir(version: str | None = None) -> Path:
     bin_dir = cache_dir() / f"k8s-{ver}" / "bin"
     for name in ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-manager"):
         _require(bin_dir / name, "k8s")
+    return bin_dir
+
+
+def kubelet_bin_dir(version: str | None = None) -> Path:
+    """Directory holding the real kubelet and fakecri (the fake CRI runtime) of ``version``."""
+    ver = version or k8s_version()
+    _build("kubelet", {"K8S_VERSION": ver})
+    bin_dir = cache_dir() / f"kubelet-{ver}" / "bin"
+    for name in ("kubelet", "fakecri"):
+        _require(bin_dir / name, "kubelet")
     return bin_dir
 
 

@@ -21,7 +21,7 @@ import pytest
 from driver.errors import PermanentClaimError
 from driver.kube import Kube, segment
 from driver.kubeletapi import dra_v1_pb2
-from driver.kubeletplugin.claims import ClaimRef, check_claim_ref
+from driver.kubeletplugin.claims import ClaimRef, KubeClaimSource, check_claim_ref, fetch_allocated
 from tests.integration.test_draservice import Plugin, start_plugin, v1_claim
 from tests.integration.test_state import make_claim, make_node
 
@@ -174,3 +174,22 @@ def test_sockets_and_plugin_dir_are_private_whatever_the_umask(tmp_path: Path, s
         assert stat.S_IMODE(p.paths.registration.lstat().st_mode) == 0o600
     finally:
         p.plugin.stop(0.5)
+
+
+class _DeepTransport:
+    """Answers every GET with a claim whose opaque parameters nest 1,500 deep."""
+
+    def send(self, method: str, path: str, **_: Any) -> Any:
+        class Response:
+            status = 200
+            data = b'{"metadata": {"uid": "uid-deep"}, "p": ' + b'{"a": ' * 1500 + b"1" + b"}" * 1500 + b"}"
+
+        return Response()
+
+
+def test_a_claim_too_deep_to_decode_is_a_permanent_error_not_an_internal_one() -> None:
+    kube = Kube(_DeepTransport())
+    kube._resource_version = "v1"
+    with pytest.raises(PermanentClaimError, match="nests deeper than 500 levels") as info:
+        fetch_allocated(KubeClaimSource(kube), ClaimRef("default", "deep", "uid-deep"))
+    assert "RecursionError" not in str(info.value)

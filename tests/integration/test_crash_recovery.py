@@ -30,7 +30,8 @@ import grpc
 import pytest
 
 from cdi.store import CdiStore
-from driver.checkpoint import PREPARE_COMPLETED, PreparedClaim, decode
+from driver.checkpoint import PREPARE_COMPLETED, PREPARE_STARTED, PreparedClaim, decode
+from driver.daemon import SHUTDOWN_GRACE_S
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc
 from driver.nvml.fakestate import FakeState
 from driver.nvml.topology import load_topology
@@ -275,9 +276,15 @@ class Node:
         path.write_text(json.dumps(claim))
         return claim
 
-    def start(self, crash_at: str | None = None, crash_claim: str | None = None) -> Plugin:
+    def start(
+        self,
+        crash_at: str | None = None,
+        crash_claim: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Plugin:
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
         env["PYTHONPATH"] = str(REPO)
+        env.update(extra_env or {})
         env.pop(CRASH_ENV, None)
         env.pop(CLAIM_ENV, None)
         if crash_at is not None:
@@ -634,4 +641,64 @@ def test_corrupt_checkpoint_is_moved_aside_and_the_plugin_serves(nodes: Callable
     plugin.prepare(claim)
     assert node.assert_consistent().keys() == {"uid-after"}
     plugin.unprepare(claim)
+    plugin.stop()
+
+
+# ---- 4. SIGTERM during a prepare: finished within the grace, or rolled back by the next start ----
+
+MPS_DELAY_ENV = "GPU_DRA_FAKE_MPS_READY_DELAY_S"
+
+
+def _prepare_in_background(plugin: Plugin, claim: dict[str, Any]) -> tuple[threading.Thread, list[str]]:
+    outcome: list[str] = []
+
+    def call() -> None:
+        try:
+            uid = claim["metadata"]["uid"]
+            outcome.append(plugin._call("prepare", [claim]).claims[uid].error or "ok")
+        except grpc.RpcError as exc:
+            outcome.append(f"rpc {exc.code().name}")
+
+    thread = threading.Thread(target=call, name="prepare-during-sigterm")
+    thread.start()
+    return thread, outcome
+
+
+def test_sigterm_lets_a_running_prepare_finish(nodes: Callable[..., Node]) -> None:
+    """SIGTERM while an MPS prepare waits for its daemon: the call completes inside the grace,
+    the plugin exits 0, and the claim is recorded as prepared."""
+    node = nodes("a100-40gb-x8", mps=True)
+    claim = node.put(claim_for("uid-term", "gpu-2", [MPS_CONFIG]))
+    plugin = node.start(extra_env={MPS_DELAY_ENV: "1.5"}).wait_ready()
+    thread, outcome = _prepare_in_background(plugin, claim)
+    poll(lambda: bool(node.mps_daemon_pids()), "the MPS daemon of the running prepare to start")
+    plugin.stop()  # SIGTERM; must exit 0
+    thread.join(TIMEOUT_S)
+    assert outcome == ["ok"], plugin.output()
+    assert node.claims()["uid-term"].state == PREPARE_COMPLETED
+    plugin = node.start().wait_ready()
+    assert node.assert_consistent().keys() == {"uid-term"}
+    plugin.unprepare(claim)
+    assert node.compute_modes() == {"DEFAULT"}
+    plugin.stop()
+
+
+def test_a_prepare_outlasting_the_grace_is_abandoned_and_rolled_back(nodes: Callable[..., Node]) -> None:
+    """A prepare still running when the grace ends is left as kill -9 would leave it: the plugin
+    exits 0 without it, the checkpoint says PrepareStarted, and the next start rolls it back."""
+    node = nodes("a100-40gb-x8", mps=True)
+    claim = node.put(claim_for("uid-slow", "gpu-2", [MPS_CONFIG]))
+    plugin = node.start(extra_env={MPS_DELAY_ENV: str(SHUTDOWN_GRACE_S + 4)}).wait_ready()
+    thread, outcome = _prepare_in_background(plugin, claim)
+    poll(lambda: bool(node.mps_daemon_pids()), "the MPS daemon of the running prepare to start")
+    (pid,) = node.mps_daemon_pids()
+    plugin.stop()
+    thread.join(TIMEOUT_S)
+    assert outcome != ["ok"], plugin.output()
+    assert node.claims()["uid-slow"].state == PREPARE_STARTED
+
+    plugin = node.start().wait_ready()
+    poll(lambda: not alive(pid), "the abandoned prepare's MPS daemon to be stopped")
+    assert node.assert_consistent() == {}
+    assert node.compute_modes() == {"DEFAULT"}
     plugin.stop()

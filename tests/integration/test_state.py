@@ -434,6 +434,9 @@ class FakeSharing:
     def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
         self.undone.extend(str(r["claim"]) for r in records)
 
+    def check(self, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice]) -> None:
+        return None
+
 
 def test_sharing_seam_records_edits_and_undo(node: Node) -> None:
     """A sharing action's records are checkpointed, its edits land in the spec, unprepare undoes it."""

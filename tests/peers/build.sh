@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|k8s-resolve|helm|mocknvml|cdi|promtool|all] ...   (default: all)
+# Usage: tests/peers/build.sh [k8s|kubelet|k8s-resolve|helm|mocknvml|cdi|promtool|all] ...   (default: all)
 #        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
@@ -34,10 +34,13 @@ done_stamp() {
   [[ -f "$1/.built" && "$(cat "$1/.built")" == "$2" ]]
 }
 
-# k8s_module VER DIR: write DIR/go.mod (k8s.io/kubernetes VER, its staging modules at their published
-# tags, etcd at the server version Kubernetes itself requires) and DIR/cmd/etcd; print the etcd version.
+# k8s_module VER DIR [PKG...]: write DIR/go.mod (k8s.io/kubernetes VER, its staging modules at their
+# published tags, etcd at the server version Kubernetes itself requires) and DIR/cmd/etcd; `go get` the
+# control plane's commands plus PKG...; print the etcd version. Never `go mod tidy` this module: nothing
+# in it imports k8s.io/kubernetes, so tidy drops the pin and the next build resolves a newer release.
 k8s_module() {
   local ver=$1 dir=$2
+  shift 2
   local gomod gover etcd_ver
   # k8s.io/kubernetes names its staging modules at v0.0.0 with local replaces; point them at the
   # published tags of the same release instead.
@@ -65,9 +68,22 @@ import (
 func main() { etcdmain.Main(os.Args) }
 GO
   (cd "$dir" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$ver" "k8s.io/kubernetes/cmd/kube-scheduler@$ver" \
-    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" \
+    "k8s.io/kubernetes/cmd/kube-controller-manager@$ver" "go.etcd.io/etcd/server/v3/etcdmain@$etcd_ver" "$@" \
     >"$dir/get.log" 2>&1) || { cat "$dir/get.log" >&2; exit 1; }
   echo "$etcd_ver"
+}
+
+# k8s_version_ldflags VER: stamp the release version as Kubernetes' own build does
+# (hack/lib/version.sh), so /version reports v1.36.3 and not v0.0.0-master: Helm's kubeVersion
+# check, clients and the kubelet's node status read it.
+k8s_version_ldflags() {
+  local ver=$1 kminor pkg vflags=""
+  kminor=${ver#v1.}
+  kminor=${kminor%%.*}
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    vflags+=" -X $pkg.gitVersion=$ver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$kminor -X $pkg.gitTreeState=clean"
+  done
+  printf '%s' "$vflags"
 }
 
 build_k8s() {
@@ -84,14 +100,8 @@ build_k8s() {
     local got
     got=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
     [[ $got == "$etcd_ver" ]] || { echo "etcd resolved to $got, want $etcd_ver" >&2; exit 1; }
-    # Stamp the release version as Kubernetes' own build does (hack/lib/version.sh), so /version
-    # reports v1.36.3 and not v0.0.0-master: Helm's kubeVersion check and clients read it.
-    local kminor=${ver#v1.}
-    kminor=${kminor%%.*}
-    local vflags=""
-    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      vflags+=" -X $pkg.gitVersion=$ver -X $pkg.gitMajor=1 -X $pkg.gitMinor=$kminor -X $pkg.gitTreeState=clean"
-    done
+    local vflags
+    vflags=$(k8s_version_ldflags "$ver")
     for cmd in kube-apiserver kube-scheduler kube-controller-manager; do
       say "kubernetes $ver: go build $cmd"
       go build -ldflags="-s -w$vflags" -o "$dir/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd"
@@ -101,6 +111,32 @@ build_k8s() {
   )
   echo "$key" >"$dir/.built"
   say "kubernetes $ver: done -> $dir/bin"
+}
+
+# build_kubelet VER: the real kubelet from the same module and pin as the control plane (so the Go
+# build cache of that build is reused), plus fakecri (tests/peers/fakecri) over
+# k8s.io/cri-client/pkg/fake, the runtime a test node's kubelet talks to.
+build_kubelet() {
+  local ver=$1
+  local dir="$cache/kubelet-$ver"
+  local key="kubelet=$ver fakecri=$(sha256sum "$here/fakecri/main.go" | cut -c1-16) script=1"
+  if done_stamp "$dir" "$key"; then say "kubelet $ver: cached in $dir/bin"; return; fi
+  say "kubelet $ver: building kubelet and fakecri (warm Go cache from the control plane build: ~2 min on 2 cores)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src/cmd/fakecri" "$dir/bin"
+  cp "$here/fakecri/main.go" "$dir/src/cmd/fakecri/main.go"
+  say "kubelet $ver: resolving modules"
+  k8s_module "$ver" "$dir/src" "k8s.io/kubernetes/cmd/kubelet@$ver" >/dev/null
+  (
+    cd "$dir/src"
+    local vflags
+    vflags=$(k8s_version_ldflags "$ver")
+    say "kubelet $ver: go build kubelet"
+    go build -ldflags="-s -w$vflags" -o "$dir/bin/kubelet" "k8s.io/kubernetes/cmd/kubelet"
+    say "kubelet $ver: go build fakecri"
+    go build -ldflags="-s -w" -o "$dir/bin/fakecri" ./cmd/fakecri
+  )
+  echo "$key" >"$dir/.built"
+  say "kubelet $ver: done -> $dir/bin"
 }
 
 # k8s_resolve VER: only writes and tidies the go.mod for VER (no build); proves a version is buildable.
@@ -265,13 +301,14 @@ targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
-    k8s) build_k8s "$K8S_VERSION" ;;
+    k8s) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION" ;;
+    kubelet) build_kubelet "$K8S_VERSION" ;;
     k8s-resolve) k8s_resolve "$K8S_VERSION" ;;
     helm) build_helm ;;
     cdi) build_cdi ;;
     mocknvml) build_mocknvml ;;
     promtool) build_promtool ;;
-    all) build_k8s "$K8S_VERSION"; build_helm; build_cdi; build_mocknvml; build_promtool ;;
-    *) echo "unknown peer '$t' (want k8s, k8s-resolve, helm, cdi, mocknvml, promtool or all)" >&2; exit 2 ;;
+    all) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_helm; build_cdi; build_mocknvml; build_promtool ;;
+    *) echo "unknown peer '$t' (want k8s, kubelet, k8s-resolve, helm, cdi, mocknvml, promtool or all)" >&2; exit 2 ;;
   esac
 done

@@ -28,6 +28,10 @@ CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "gpu-dra"
 # Set by the chart but not (yet) read by driver/config.py; a variable added to the chart before
 # the plugin reads it goes here, and the test fails once the plugin does: empty it then.
 PENDING_PLUGIN_ENV: frozenset[str] = frozenset()
+# Set for the chart's own use: POD_IP only feeds HEALTHCHECK_ADDRESS=$(POD_IP).
+CHART_ONLY_ENV: frozenset[str] = frozenset({"POD_IP"})
+#: The schema's mark on keys taken over from NVIDIA's chart (mapped, or accepted and ignored).
+NVIDIA_COMPAT = "nvidia-chart-compat"
 
 
 def _schema() -> dict[str, Any]:
@@ -79,6 +83,8 @@ def test_every_schema_object_is_closed_and_listed_in_values_yaml() -> None:
     def walk(schema: dict[str, Any], given: dict[str, Any], path: str) -> None:
         for name, sub in (schema.get("properties") or {}).items():
             here = f"{path}.{name}" if path else name
+            if sub.get("$comment") == NVIDIA_COMPAT:
+                continue  # keys of NVIDIA's chart, accepted for users' existing values files
             if name not in given:
                 missing.append(here)
             elif isinstance(given[name], dict) and "properties" in sub:
@@ -156,7 +162,7 @@ def test_daemonset_sets_only_variables_the_plugin_reads() -> None:
     env_block = template.split("        env:\n", 1)[1].split("        securityContext:", 1)[0]
     set_by_chart = set(re.findall(r"^\s*- name: ([A-Z][A-Z0-9_]*)\s*$", env_block, re.MULTILINE))
     assert {"NODE_NAME", "POD_UID", "POD_NAMESPACE", "DRIVER_ROOT_CTR_PATH"} <= set_by_chart
-    unread = set_by_chart - _plugin_env_names()
+    unread = set_by_chart - _plugin_env_names() - CHART_ONLY_ENV
     assert unread == PENDING_PLUGIN_ENV, (
         f"the DaemonSet sets {sorted(unread)} but driver/config.py reads only {sorted(_plugin_env_names())}"
     )
@@ -171,3 +177,28 @@ def test_enum_values_are_the_plugin_choices(value: str, variable: str) -> None:
     assert spec.choices is not None
     assert _schema()["properties"]["plugin"]["properties"][value]["enum"] == list(spec.choices)
     assert _values()["plugin"][value] == spec.default
+
+
+NVIDIA_VALUES = Path(__file__).resolve().parents[1] / "data" / "chart" / "nvidia-values.yaml"
+
+
+def test_a_values_file_written_for_nvidias_chart_validates() -> None:
+    """NVIDIA's keys are accepted (mapped or ignored), not "'kubeletPlugin' was unexpected"."""
+    theirs = yaml.safe_load(NVIDIA_VALUES.read_text())
+    merged = {**_values(), **theirs, "image": theirs["image"]}
+    assert [e.message for e in _validator().iter_errors(merged)] == []
+    # A typo is still refused: only NVIDIA's own keys are let in.
+    assert any(
+        "Additional properties are not allowed" in e.message
+        for e in _validator().iter_errors({**merged, "kubletPlugin": {}})
+    )
+
+
+def test_every_nvidia_key_is_marked_mapped_or_ignored() -> None:
+    compat = {k: v for k, v in _schema()["properties"].items() if v.get("$comment") == NVIDIA_COMPAT}
+    for key, sub in compat.items():
+        text = sub["description"]
+        assert "ignored" in text or "Mapped" in text or "mapped" in text or "merged" in text, key
+    theirs = yaml.safe_load(NVIDIA_VALUES.read_text())
+    ours = set(_values())
+    assert set(theirs) - ours <= set(compat), set(theirs) - ours - set(compat)

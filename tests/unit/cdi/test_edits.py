@@ -169,8 +169,23 @@ def test_mig_edits(fake_root: FakeDriverRoot) -> None:
     edits = mig_edits(fake_root.root, fake_root.proc_dir, 1, 11, 0)
     assert edits.device_nodes == (
         DeviceNode("/dev/nvidia1", str(fake_root.node("nvidia1"))),
-        DeviceNode("/dev/nvidia-caps/nvidia-cap237", type="c", major=239, minor=237, file_mode=0o444),
-        DeviceNode("/dev/nvidia-caps/nvidia-cap238", type="c", major=239, minor=238, file_mode=0o444),
+        # Under the same dev root as the GPU node, not the host's own /dev.
+        DeviceNode(
+            "/dev/nvidia-caps/nvidia-cap237",
+            str(fake_root.node("nvidia-caps/nvidia-cap237")),
+            type="c",
+            major=239,
+            minor=237,
+            file_mode=0o444,
+        ),
+        DeviceNode(
+            "/dev/nvidia-caps/nvidia-cap238",
+            str(fake_root.node("nvidia-caps/nvidia-cap238")),
+            type="c",
+            major=239,
+            minor=238,
+            file_mode=0o444,
+        ),
     )
 
 

@@ -117,8 +117,8 @@ def test_a_test_setup_without_api_server_validates() -> None:
         pytest.param(
             ["--feature-gates", "DynamicMIG=true,PassthroughSupport=true"],
             TEST_ENV,
-            "DynamicMIG and PassthroughSupport",
-            id="gates-exclusive",
+            "PassthroughSupport=true is not implemented by gpu-dra",
+            id="gate-not-implemented",
         ),
     ],
 )

@@ -196,7 +196,7 @@ def test_full_gpus_make_one_slice_with_every_device():
     assert "sharedCounters" not in s["spec"]
     assert device_names(s) == [f"gpu-{i}" for i in range(8)]
     device = s["spec"]["devices"][0]
-    assert device["capacity"] == {"memory": {"value": "42949672960"}}
+    assert device["capacity"] == {"memory": {"value": "40Gi"}}  # canonical, as NVIDIA publishes it
     assert device["attributes"]["productName"] == {"string": "NVIDIA A100-SXM4-40GB"}
     assert device["attributes"]["driverVersion"] == {"version": "570.133.20"}
     assert device["attributes"]["resource.kubernetes.io/pciBusID"] == {"string": "0000:00:00.0"}
@@ -243,7 +243,7 @@ def test_mig_on_1_35_plus_is_a_counters_slice_then_one_devices_slice_per_gpu_in_
         {
             "counterSet": "gpu-1-counter-set",
             "counters": {
-                "memory": {"value": str(9856 * 2**20)},
+                "memory": {"value": "9856Mi"},
                 "memory-slice-2": {"value": "1"},
                 "memory-slice-3": {"value": "1"},
                 "multiprocessors": {"value": "28"},
@@ -1312,6 +1312,54 @@ def test_kubernetes_134_limits_counters_per_slice_not_per_set():
     ]
     with pytest.raises(SliceValidationError, match=r"consumes 33 counters"):
         validate_slice(greedy, server_minor=34)
+
+
+@pytest.mark.parametrize(
+    ("value", "binary", "text"),
+    [
+        (42949672960, True, "40Gi"),
+        (5100273664, True, "4864Mi"),
+        (1536, True, "1536"),
+        (0, True, "0"),
+        (108, False, "108"),
+        (2000, False, "2k"),
+        (1, False, "1"),
+    ],
+)
+def test_quantities_are_written_in_canonical_form(value: int, binary: bool, text: str) -> None:
+    """Memory is a binary quantity (``40Gi``), counts decimal, as the API server writes them."""
+    from driver.resourceslices import canonical_quantity
+
+    assert canonical_quantity(value, binary) == text
+    assert parse_quantity(text) == value
+
+
+class FastWatchKube(FakeKube):
+    """A server whose watch delivers a create's ADDED event before the create's response."""
+
+    def create_slice(self, resource_slice: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
+        if not dry_run:
+            wait_for(lambda: bool(self._watches), 5.0)  # the publisher's watch is running
+        result = super().create_slice(resource_slice, dry_run=dry_run)
+        if not dry_run:
+            # Hold the response until the watch thread has taken the event (bounded, not asserted).
+            wait_for(lambda: all(w.events.empty() for w in self._watches), 2.0)
+            time.sleep(0.2)
+        return result
+
+
+def test_publisher_recognises_its_own_create_when_the_watch_is_faster(publisher_for):
+    """The ADDED event of a slice we just created is our own write, not a change behind our back
+    (which would re-list and re-sync: the log once said "changed behind our back; re-syncing")."""
+    kube = FastWatchKube()
+    publisher = publisher_for(kube)
+    publisher.start(a100_inventory(8))
+    assert publisher.wait_synced(10)
+    assert wait_for(lambda: kube.writes == 1)
+    time.sleep(0.5)  # room for a wrong re-sync to show (nothing asserts on time)
+    after_create = kube.calls[kube.calls.index("create") + 1 :]
+    assert "list" not in after_create, kube.calls
+    assert kube.writes == 1
 
 
 def test_publisher_backoff_is_capped_at_a_few_seconds():

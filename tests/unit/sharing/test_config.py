@@ -231,6 +231,10 @@ def test_mig_mps() -> None:
             ["resource.nvidia.com/v1beta1"],
         ),
         ({"apiVersion": API, "kind": "VfioDeviceConfig"}, "kind", ["GpuConfig, MigDeviceConfig"]),
+        # A missing field is called missing, not "None is not supported".
+        ({"kind": "GpuConfig"}, "apiVersion", ["is missing", f"add apiVersion: {API}"]),
+        ({"apiVersion": API}, "kind", ["is missing", "GpuConfig, MigDeviceConfig"]),
+        (gpu({"mpsConfig": {}}), "sharing.strategy", ["is missing", "TimeSlicing, MPS"]),
         ({"apiVersion": API, "kind": "GpuConfig", "metadata": {}}, "metadata", ["unknown field"]),
         ("[1, 2", "", ["JSON"]),
         ([1], "", ["expected an object"]),

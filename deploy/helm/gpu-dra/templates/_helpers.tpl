@@ -43,7 +43,31 @@ app.kubernetes.io/component: kubelet-plugin
 {{- end -}}
 
 {{- define "gpu-dra.stateDir" -}}
-{{- default (printf "%s/gpu.nvidia.com" .Values.kubeletDirs.plugins) .Values.stateDir -}}
+{{- $plugins := (.Values.kubeletPlugin | default dict).kubeletPluginsDirectoryPath | default .Values.kubeletDirs.plugins -}}
+{{- default (printf "%s/gpu.nvidia.com" $plugins) .Values.stateDir -}}
+{{- end -}}
+
+{{/* Keys of a values file written for NVIDIA's chart that have no meaning here, one per line. */}}
+{{- define "gpu-dra.ignoredNvidiaKeys" -}}
+{{- $ignored := list -}}
+{{- range $key := list "namespaceOverride" "selectorLabelsOverride" "allowDefaultNamespace" "resourceApiVersion" "gpuResourcesEnabledOverride" "webhook" "controller" "imex" "altProcDevices" "maskNvidiaDriverParams" "consumableShares" "resources" -}}
+{{- if hasKey $.Values $key -}}{{- $ignored = append $ignored $key -}}{{- end -}}
+{{- end -}}
+{{- $kp := .Values.kubeletPlugin | default dict -}}
+{{- $mapped := list "priorityClassName" "nodeSelector" "tolerations" "affinity" "podAnnotations" "kubeletRegistrarDirectoryPath" "kubeletPluginsDirectoryPath" "containers" -}}
+{{- range $key, $_ := $kp -}}
+{{- if not (has $key $mapped) -}}{{- $ignored = append $ignored (printf "kubeletPlugin.%s" $key) -}}{{- end -}}
+{{- end -}}
+{{- range $name, $container := ($kp.containers | default dict) -}}
+{{- if ne $name "gpus" -}}
+{{- $ignored = append $ignored (printf "kubeletPlugin.containers.%s" $name) -}}
+{{- else -}}
+{{- range $key, $_ := $container -}}
+{{- if not (has $key (list "healthcheckPort" "resources")) -}}{{- $ignored = append $ignored (printf "kubeletPlugin.containers.gpus.%s" $key) -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- join "\n" $ignored -}}
 {{- end -}}
 
 {{/* plugin.featureGates as the plugin's FEATURE_GATES value: Name=true,Other=false, sorted. */}}

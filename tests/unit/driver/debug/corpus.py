@@ -64,7 +64,7 @@ def load_corpus() -> list[Case]:
 def node_inventory(kind: str) -> Inventory:
     """a100t4: 8x A100-40GB (gpu-0..7) + 4x T4 (gpu-8..11); mig: one A100-40GB in dynamic MIG mode."""
     if kind == "mig":
-        return topology_inventory("a100-40gb-x1-mig", "corpus", mig="dynamic")
+        return topology_inventory("a100-40gb-x1-mig", "corpus")
     a100 = topology_inventory("a100-40gb-x8", "corpus")
     t4 = topology_inventory("t4-x4", "corpus-t4")
     renamed = tuple(

@@ -121,7 +121,7 @@ def test_devices_and_mig_on_topology(capsys):
     data = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in data["devices"]] == [f"gpu-{i}" for i in range(8)]
     assert all(d["heldBy"] is None for d in data["devices"])
-    inv = topology_inventory("a100-40gb-x1-mig", mig="dynamic")
+    inv = topology_inventory("a100-40gb-x1-mig")
     name = next(
         d.name
         for d in inv.devices

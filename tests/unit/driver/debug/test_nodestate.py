@@ -105,7 +105,7 @@ def test_cdi_spec_statuses(tmp_path: Path) -> None:
 
 
 def test_holdings_block_the_full_gpu_and_overlapping_placements() -> None:
-    inv = topology_inventory("a100-40gb-x1-mig", mig="dynamic")
+    inv = topology_inventory("a100-40gb-x1-mig")
     one_g = next(d for d in inv.devices if d.mig_spec and d.mig_spec.profile == "1g.5gb")
     assert one_g.mig_spec is not None
     held = nodestate.device_holdings(inv, {UID: claim(device=one_g.name)})
@@ -201,7 +201,7 @@ def test_explain_charges_counters_of_devices_held_by_other_claims() -> None:
     from driver.debug.commands import topology_node
     from driver.debug.explain import explain, parse_claim
 
-    node = topology_node("a100-40gb-x1-mig", mig="dynamic")
+    node = topology_node("a100-40gb-x1-mig")
     whole = next(d for d in node.devices if d.attributes.get("profile") == "7g.40gb")
     profile = 'device.attributes["gpu.nvidia.com"].profile == "1g.5gb"'
     one_g = {
