@@ -480,9 +480,11 @@ class Daemon:
         try:
             events = None
             if kube_future is not None:
-                from driver.events import EventRecorder
+                from driver.events import EventRecorder, RateLimit
 
-                events = EventRecorder(kube_future.result(), cfg.node_name)
+                events = EventRecorder(
+                    kube_future.result(), cfg.node_name, RateLimit(min_interval_s=cfg.event_interval_s)
+                )
                 events.start()
                 self._closers.append(events.stop)
                 if self._quarantined is not None:
