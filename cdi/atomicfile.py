@@ -14,9 +14,32 @@ whose files mean nothing after a reboot pass ``durable=False`` and keep the atom
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+#: Errors a person fixes on the file system itself; their message then names the directory.
+_FS_FULL = {errno.ENOSPC: "is full (no space left on the device)", errno.EDQUOT: "is over its disk quota"}
+_FS_DENIED = {
+    errno.EROFS: "is on a read-only file system",
+    errno.EACCES: "is not writable",
+    errno.EPERM: "is not writable",
+}
+
+
+def explained(exc: OSError, path: Path) -> OSError:
+    """``exc`` with a message naming the directory of ``path`` and what to do, same type and errno."""
+    directory = path.parent
+    if exc.errno in _FS_FULL:
+        text = f"cannot write {path.name}: directory {directory} {_FS_FULL[exc.errno]}; free space there"
+    elif exc.errno in _FS_DENIED:
+        text = f"cannot write {path.name}: directory {directory} {_FS_DENIED[exc.errno]}; mount it read-write"
+    else:
+        return exc
+    out = type(exc)(exc.errno, text)
+    out.filename = str(path)
+    return out
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,6 +54,13 @@ def fsync_dir(directory: Path) -> None:
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically; ``durable`` also makes it survive a power loss."""
     payload = data.encode() if isinstance(data, str) else data
+    try:
+        _write_atomic(path, payload, mode, durable=durable)
+    except OSError as exc:
+        raise explained(exc, path) from exc
+
+
+def _write_atomic(path: Path, payload: bytes, mode: int, *, durable: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
@@ -55,6 +85,11 @@ def remove_durable(path: Path, *, durable: bool = True) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        # A read-only file system refuses even to remove what is not there; absent is removed.
+        if not os.path.lexists(path):
+            return False
+        raise explained(exc, path) from exc
     if durable:
         fsync_dir(path.parent)
     return True

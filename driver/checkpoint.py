@@ -24,8 +24,10 @@ Why each part exists:
   reads the file, but when its bytes are the ones this store last wrote or read it reuses the
   claims decoded then instead of parsing and verifying them again;
 * the checksum catches a torn or hand-edited file; :meth:`CheckpointStore.startup` moves such a
-  file aside to ``<path>.corrupt-<timestamp>`` and starts empty - reported loudly, never a crash
-  loop;
+  file (or a directory in its place) aside to ``<path>.corrupt-<timestamp>`` and starts empty -
+  reported loudly, never a crash loop; what the lost file recorded is then rebuilt from the node
+  (``driver.ownership``), and a state directory that cannot be written is reported as the
+  report's ``problem`` instead of an exception;
 * the boot id: after a reboot no claim is prepared any more (MIG devices, MPS daemons, CDI specs
   in /var/run are gone), so claims from an earlier boot are dropped.
 
@@ -45,7 +47,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 import structlog
 
-from cdi.atomicfile import fsync_dir, write_atomic
+from cdi.atomicfile import explained, fsync_dir, write_atomic
 from driver.errors import CheckpointCorruptError, CheckpointError
 from driver.flock import FileLock
 
@@ -263,6 +265,14 @@ class StartupReport:
     corrupt_reason: str | None = None
     previous_boot_id: str | None = None
     dropped_for_reboot: list[PreparedClaim] = field(default_factory=list)
+    #: No trustworthy record of this boot's claims: the file was missing or was moved aside. What
+    #: the node holds is then rebuilt from the node itself (``driver.ownership``).
+    lost: bool = False
+    #: The checkpoint cannot be used now (unreadable, or its directory is full or read-only);
+    #: the plugin refuses claims with this text and calls :meth:`CheckpointStore.startup` again.
+    problem: str | None = None
+    #: Temp files of writes a kill -9 interrupted, removed.
+    swept: list[Path] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
@@ -274,6 +284,8 @@ class StartupReport:
                 "started empty - claims prepared before are unknown to the plugin until the kubelet "
                 "prepares them again"
             )
+        if self.problem is not None:
+            out.append(f"checkpoint unusable: {self.problem}")
         if self.dropped_for_reboot:
             out.append(
                 f"node rebooted (boot id {self.previous_boot_id} -> now): dropped "
@@ -365,41 +377,101 @@ class CheckpointStore:
     def startup(self) -> StartupReport:
         """Verify the checkpoint at plugin start; repair what would otherwise stop the plugin.
 
-        A missing file starts empty; a corrupt one (bad JSON, checksum, unknown version) is moved
-        aside and replaced by an empty one; claims recorded under another boot id are dropped.
+        A missing file starts empty; a corrupt one (bad JSON, checksum, unknown version, or a
+        directory in its place) is moved aside and replaced by an empty one; claims recorded
+        under another boot id are dropped; temp files of interrupted writes are removed. It never
+        raises for the state of the file system: what keeps the checkpoint from being used (a
+        full or read-only directory, an unreadable file) is returned as ``problem``, and calling
+        this again once it is fixed completes the start-up.
         """
-        with self._lock():
+        try:
+            with self._lock():
+                return self._startup_locked()
+        except OSError as exc:
+            problem = str(explained(exc, self.lock_path))
+            log.error("checkpoint unusable", path=str(self.path), problem=problem)  # noqa: TRY400
+            return StartupReport(claims={}, problem=problem)
+
+    def _startup_locked(self) -> StartupReport:
+        swept = self._sweep_temp_files()
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            log.info("checkpoint created", path=str(self.path))
+            return StartupReport(claims={}, lost=True, swept=swept, problem=self._write_empty())
+        except IsADirectoryError:
+            return self._aside("a directory is where the checkpoint file belongs", swept)
+        except OSError as exc:
+            problem = f"cannot read {self.path}: {exc}; check the state directory's permissions and disk"
+            log.error("checkpoint unreadable", path=str(self.path), problem=problem)  # noqa: TRY400
+            return StartupReport(claims={}, problem=problem, swept=swept)
+        try:
+            boot_id, claims = decode(text)
+        except CheckpointCorruptError as exc:
+            return self._aside(str(exc), swept)
+        if boot_id != self.boot_id:
+            dropped = list(claims.values())
+            log.warning(
+                "checkpoint from an earlier boot, claims dropped",
+                path=str(self.path),
+                previous_boot_id=boot_id,
+                boot_id=self.boot_id,
+                dropped=sorted(claims),
+            )
+            return StartupReport(
+                claims={},
+                previous_boot_id=boot_id,
+                dropped_for_reboot=dropped,
+                swept=swept,
+                problem=self._write_empty(),
+            )
+        log.info("checkpoint loaded", path=str(self.path), claims=len(claims))
+        return StartupReport(claims=claims, swept=swept)
+
+    def _aside(self, reason: str, swept: list[Path]) -> StartupReport:
+        try:
+            aside = self._move_aside()
+        except OSError as exc:
+            problem = f"checkpoint {self.path} is corrupt ({reason}) and cannot be moved aside: {exc}"
+            log.error("checkpoint corrupt and stuck", path=str(self.path), problem=problem)  # noqa: TRY400
+            return StartupReport(claims={}, corrupt_reason=reason, problem=problem, swept=swept)
+        log.error(
+            "checkpoint corrupt, moved aside",
+            path=str(self.path),
+            moved_to=str(aside),
+            reason=reason,
+        )
+        return StartupReport(
+            claims={},
+            moved_aside=aside,
+            corrupt_reason=reason,
+            lost=True,
+            swept=swept,
+            problem=self._write_empty(),
+        )
+
+    def _write_empty(self) -> str | None:
+        """Write an empty checkpoint; a failure is returned (a missing file reads as empty too)."""
+        try:
+            self._write_unlocked({})
+        except OSError as exc:
+            problem = str(explained(exc, self.path))
+            log.error("checkpoint cannot be written", path=str(self.path), problem=problem)  # noqa: TRY400
+            return problem
+        return None
+
+    def _sweep_temp_files(self) -> list[Path]:
+        """Remove ``.tmp-<name>-*`` files a kill -9 mid-write left (under the lock: no writer runs)."""
+        removed: list[Path] = []
+        for tmp in self.path.parent.glob(f".tmp-{self.path.name}-*"):
             try:
-                text = self.path.read_bytes()
-            except FileNotFoundError:
-                self._write_unlocked({})
-                log.info("checkpoint created", path=str(self.path))
-                return StartupReport(claims={})
-            try:
-                boot_id, claims = decode(text)
-            except CheckpointCorruptError as exc:
-                aside = self._move_aside()
-                self._write_unlocked({})
-                log.error(  # noqa: TRY400 - the reason is in the event; a traceback adds nothing
-                    "checkpoint corrupt, moved aside",
-                    path=str(self.path),
-                    moved_to=str(aside),
-                    reason=str(exc),
-                )
-                return StartupReport(claims={}, moved_aside=aside, corrupt_reason=str(exc))
-            if boot_id != self.boot_id:
-                dropped = list(claims.values())
-                self._write_unlocked({})
-                log.warning(
-                    "checkpoint from an earlier boot, claims dropped",
-                    path=str(self.path),
-                    previous_boot_id=boot_id,
-                    boot_id=self.boot_id,
-                    dropped=sorted(claims),
-                )
-                return StartupReport(claims={}, previous_boot_id=boot_id, dropped_for_reboot=dropped)
-            log.info("checkpoint loaded", path=str(self.path), claims=len(claims))
-            return StartupReport(claims=claims)
+                tmp.unlink()
+            except OSError:
+                continue
+            removed.append(tmp)
+        if removed:
+            log.info("removed temp files of interrupted checkpoint writes", files=[p.name for p in removed])
+        return removed
 
     def _move_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

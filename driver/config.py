@@ -139,6 +139,9 @@ class Config:
     mps_ready_timeout_s: float = 10.0
     """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
 
+    shutdown_grace_s: float = 5.0
+    """After SIGTERM, how long running kubelet calls may take to finish. (SHUTDOWN_GRACE)"""
+
     additional_xids_to_ignore: frozenset[int] = frozenset()
     """XIDs treated as application errors on top of NVIDIA's list. (ADDITIONAL_XIDS_TO_IGNORE)"""
 
@@ -239,6 +242,13 @@ _FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag(
         "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
+    ),
+    _Flag(
+        "--shutdown-grace",
+        ("SHUTDOWN_GRACE",),
+        "Seconds running kubelet calls may take to finish after SIGTERM (keep it below the pod's "
+        "terminationGracePeriodSeconds); a call still running then is rolled back by the next start.",
+        "5",
     ),
     _Flag(
         "--additional-xids-to-ignore",
@@ -359,6 +369,12 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
             f"got {v['mps_ready_timeout']!r}"
         ) from None
     try:
+        shutdown_grace = float(v["shutdown_grace"] or "5")
+    except ValueError:
+        raise ConfigError(
+            f"--shutdown-grace / SHUTDOWN_GRACE must be a number of seconds, got {v['shutdown_grace']!r}"
+        ) from None
+    try:
         recovery_poll = float(v["recovery_poll_interval"] or "10")
     except ValueError:
         raise ConfigError(
@@ -416,6 +432,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
+        shutdown_grace_s=shutdown_grace,
         additional_xids_to_ignore=parse_xid_list(v["additional_xids_to_ignore"] or ""),
         gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
         recovery_poll_s=recovery_poll,
@@ -474,6 +491,10 @@ def _identity_problems(cfg: Config) -> list[str]:
         problems.append(
             f"--healthcheck-port / HEALTHCHECK_PORT {cfg.healthcheck_port} is out of range; "
             "use -1 (off), 0 (any free port) or 1-65535"
+        )
+    if not 0 <= cfg.shutdown_grace_s <= 600:
+        problems.append(
+            f"--shutdown-grace / SHUTDOWN_GRACE {cfg.shutdown_grace_s:g} is out of range; use 0-600 seconds"
         )
     return problems
 

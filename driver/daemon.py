@@ -16,7 +16,7 @@ Start-up, in this order:
    removed); then the gate opens (``plugin ready``);
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
 6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
-   :data:`SHUTDOWN_GRACE_S`, remove only our sockets, and exit without the interpreter's teardown
+   ``--shutdown-grace`` (5 s), remove only our sockets, and exit without the interpreter's teardown
    (a call still running past the grace is abandoned, exactly as kill -9 would: the checkpoint
    says ``PrepareStarted`` and the next start rolls it back).
 
@@ -42,7 +42,7 @@ import structlog
 
 from driver import log as logsetup
 from driver.config import Config
-from driver.errors import CheckpointError, ConfigError, DriverError, NvmlError, TemporaryClaimError
+from driver.errors import ConfigError, DriverError, NvmlError, TemporaryClaimError
 from driver.inventory import Inventory
 from driver.kubeletplugin import KubeletPlugin, SocketPaths
 from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, DirectoryClaimSource, KubeClaimSource
@@ -52,7 +52,7 @@ from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.kubeletplugin.sockets import private_dir
 
 if TYPE_CHECKING:
-    from driver.checkpoint import CheckpointStore
+    from driver.checkpoint import CheckpointStore, PreparedClaim
     from driver.discovery import MigHook
     from driver.events import EventRecorder
     from driver.health import HealthMonitor, Snapshot
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from driver.metrics import Metrics
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
+    from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, SharingAction
     from driver.taints import DeviceTaints, TaintChange, TaintSync
@@ -70,8 +71,6 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: How long a kubelet call that arrives during start-up waits for discovery, reconcile and the
 #: API client before it gets a temporary error (the kubelet retries; its own call timeout is 45 s).
 STARTUP_WAIT_S = 30.0
-#: How long running kubelet calls may take to finish after SIGTERM.
-SHUTDOWN_GRACE_S = 5.0
 #: The main thread looks this often whether the plugin has gone quiet after some work ...
 QUIET_CHECK_S = 5.0
 #: ... and, once no kubelet call came for this long, hands the memory that work freed back.
@@ -137,6 +136,7 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _lost: bool = False
     _taint_sync: TaintSync | None = None
     _service: DraService | None = None
     _monitor: HealthMonitor | None = None
@@ -204,19 +204,34 @@ class Daemon:
 
         self.gate.phase = "opening NVML"
         nvml = self._open_nvml()
-        if nvml is None:
+        if nvml is None or self.stop.is_set():
             return
         self.gate.phase = "loading the checkpoint"
-        checkpoint = self._checkpoint()
+        checkpoint, problem = self._checkpoint()
         self._mig_backend = self._mig(nvml)
+        sharing = self._sharing()
+        from driver.ownership import LEDGER_DIR, Ledger
+
+        ledger = Ledger(cfg.state_dir / LEDGER_DIR)
+        if problem is None and self._lost:
+            self.gate.phase = "rebuilding what the plugin owns after a lost checkpoint"
+            problem = self._rebuild(nvml, checkpoint, ledger, sharing)
         self.gate.phase = "discovering GPUs"
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
-        if inventory is None:
+        if inventory is None or self.stop.is_set():
             return
         self._checkpoint_store = checkpoint
         self.gate.phase = "rolling back unfinished prepares"
-        self.state = self._device_state(inventory, checkpoint)
-        self.state.reconcile()
+        self.state = self._device_state(inventory, checkpoint, sharing, ledger)
+        if problem is None:
+            self.state.reconcile()
+        else:
+            # Serve, refuse claims with the reason, and finish start-up once the cause is gone:
+            # a crash loop would only hide the reason behind restarts.
+            self.state.unavailable = problem
+            threading.Thread(
+                target=self._recover, args=(nvml, checkpoint, ledger, sharing), name="recovery", daemon=True
+            ).start()
         self._start_health(nvml, self.state)
         self.gate.open(self.state)
         log.info("plugin ready", startup_ms=_ms_since(self.started_at))
@@ -235,7 +250,16 @@ class Daemon:
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
-            self._start_publisher(_need(kube_future).result(), inventory)
+            kube = self._wait_for(_need(kube_future))
+            if kube is not None:
+                self._start_publisher(kube, inventory)
+
+    def _wait_for(self, future: Future[Kube]) -> Kube | None:
+        """The API client once loaded; None if a stop signal comes first (no wait past SIGTERM)."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                return future.result(0.05)
+        return None
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
@@ -324,8 +348,12 @@ class Daemon:
         if not self.cfg.gate("DynamicMIG"):
             mode = "static"
         # Instances of checkpointed claims are ours (a crashed prepare's leftovers included, so
-        # reconcile can roll them back); anything else on a GPU is left alone.
-        owned = owned_mig_placements(checkpoint.load().values())
+        # reconcile can roll them back); anything else on a GPU is left alone. An unusable
+        # checkpoint owns nothing yet: discovery runs again once it is usable.
+        try:
+            owned = owned_mig_placements(checkpoint.load().values())
+        except (DriverError, OSError):
+            owned = []
         return make_mig_hook(
             self._mig_backend, mode, allow_mig_mode_change=self.cfg.allow_mig_mode_change, owned=owned
         )
@@ -366,20 +394,102 @@ class Daemon:
                 return None
         return None  # pragma: no cover
 
-    def _checkpoint(self) -> CheckpointStore:
+    def _checkpoint(self) -> tuple[CheckpointStore, str | None]:
+        """The checkpoint store after its start-up, and why it cannot be used (None: it can)."""
         from driver.checkpoint import CheckpointStore
 
         cfg = self.cfg
         checkpoint = CheckpointStore(cfg.state_dir / CHECKPOINT_FILE, BOOT_ID_PATH)
-        try:
-            report = checkpoint.startup()
-        except CheckpointError as exc:
-            raise CheckpointError(f"checkpoint {cfg.state_dir / CHECKPOINT_FILE} unusable: {exc}") from exc
+        report = checkpoint.startup()
         for warning in report.warnings:
             log.warning("checkpoint start-up", warning=warning)
+        self._lost = report.lost
         if report.moved_aside is not None:
             self._quarantined = report.warnings[0]
-        return checkpoint
+        return checkpoint, report.problem
+
+    def _rebuild(
+        self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
+    ) -> str | None:
+        """Checkpoint entries for what the node shows the plugin owns (the checkpoint was lost).
+
+        Returns why the rebuilt entries could not be recorded, or None.
+        """
+        from cdi.store import CdiStore
+        from driver.ownership import Gpu, SharingRecords, rebuild
+
+        cfg = self.cfg
+        rebuilt = rebuild(
+            pool=cfg.node_name,
+            cdi=CdiStore(cfg.cdi_root),
+            ledger=ledger,
+            gpus=[Gpu(g.minor, g.uuid) for g in nvml.gpus()],
+            mig=self._mig_backend,
+            mps=sharing if isinstance(sharing, SharingRecords) else None,
+            dynamic_mig=cfg.gate("DynamicMIG") and cfg.mig_mode == "dynamic",
+        )
+        for note in rebuilt.notes:
+            log.warning("ownership rebuild", note=note)
+        if not rebuilt.claims:
+            return None
+
+        def merge(claims: dict[str, PreparedClaim]) -> None:
+            for uid, claim in rebuilt.claims.items():
+                claims.setdefault(uid, claim)
+
+        try:
+            checkpoint.update(merge)
+        except (DriverError, OSError) as exc:
+            return f"the claims rebuilt from the node cannot be recorded: {exc}"
+        self._lost = False
+        log.warning(
+            "checkpoint was lost; what the plugin owns was rebuilt from the node",
+            claims={uid: c.state for uid, c in rebuilt.claims.items()},
+            devices={uid: [d.device for d in c.devices] for uid, c in rebuilt.claims.items()},
+            hint="the kubelet's next prepare or unprepare of each claim completes or undoes it",
+        )
+        return None
+
+    def _recover(
+        self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
+    ) -> None:
+        """Retry the checkpoint's start-up until it is usable, then finish start-up and serve."""
+        state = self.state
+        if state is None:
+            return
+        for delay in Backoff(1.0, 5.0).delays():
+            if self.stop.wait(delay):
+                return
+            report = checkpoint.startup()
+            if report.moved_aside is not None and self._events is not None:
+                self._events.checkpoint_quarantined(report.warnings[0])
+            problem = report.problem
+            self._lost = self._lost or report.lost
+            if problem is None and self._lost:
+                problem = self._rebuild(nvml, checkpoint, ledger, sharing)
+            if problem is not None:
+                state.unavailable = problem
+                log.warning("checkpoint still unusable; claims refused", problem=problem, retry_in_s=delay)
+                continue
+            from driver.discovery import DiscoveryError, discover
+
+            try:
+                inventory = discover(
+                    nvml,
+                    self.cfg.node_name,
+                    sysfs_root=self._sysfs_root,
+                    mig_hook=self._mig_hook(checkpoint, self.cfg.mig_mode),
+                )
+            except (NvmlError, DiscoveryError) as exc:
+                log.warning("discovery after recovery failed; retrying", error=str(exc))
+                continue
+            state.inventory = inventory
+            if self._publisher is not None:
+                self._publisher.update(inventory)
+            state.reconcile()
+            state.unavailable = None
+            log.info("checkpoint usable again; serving claims", path=str(checkpoint.path))
+            return
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
@@ -416,7 +526,9 @@ class Daemon:
             mps_enabled=cfg.gate("MPSSupport"),
         )
 
-    def _device_state(self, inventory: Inventory, checkpoint: CheckpointStore) -> DeviceState:
+    def _device_state(
+        self, inventory: Inventory, checkpoint: CheckpointStore, sharing: SharingAction, ledger: Ledger
+    ) -> DeviceState:
         from cdi.store import CdiStore
         from driver.state import DeviceLocks, DeviceState, DriverRootEdits, default_actions
         from mig.manager import MigManager
@@ -442,8 +554,9 @@ class Daemon:
             # Cross-process GPU locks matter only when two instances overlap (rolling update).
             locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
             actions=default_actions(mig),
-            sharing=self._sharing(),
+            sharing=sharing,
             single_instance=cfg.pod_uid is None,
+            ledger=ledger,
         )
 
     def _connect_kube(self, future: Future[Kube]) -> None:
@@ -595,7 +708,7 @@ class Daemon:
         self.gate.close()
         monitor_done = self._health.close()
         if self.plugin is not None:
-            self.plugin.stop(SHUTDOWN_GRACE_S)
+            self.plugin.stop(self.cfg.shutdown_grace_s)
         closers = list(reversed(self._closers))
         # NVML goes last, and only once the health monitor no longer sits in an NVML event
         # wait: shutting NVML down under it is undefined, and the process ends in a moment anyway.

@@ -117,7 +117,9 @@ class FileLock:
                     time.sleep(self.poll_s)
             record = _pid_record()
             if os.pread(fd, len(record), 0) != record:
-                os.pwrite(fd, record, 0)
+                # The holder's pid only helps a person find it; a full disk must not stop locking.
+                with contextlib.suppress(OSError):
+                    os.pwrite(fd, record, 0)
         except BaseException:
             os.close(fd)
             raise

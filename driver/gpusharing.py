@@ -151,6 +151,14 @@ class GpuSharing:
         except SharingConfigError as exc:
             raise PermanentClaimError(f"sharing config does not fit the allocated devices: {exc}") from exc
 
+    def sweep(self) -> list[Path]:
+        """MPS group directories a start killed before its record left behind."""
+        return self._mps.sweep_unrecorded()
+
+    def leftovers(self, prefix: str) -> list[dict[str, Any]]:
+        """MPS group records under the MPS root (the ownership rebuild reads them)."""
+        return self._mps.leftovers(prefix)
+
     def _apply_group(
         self,
         claim_uid: str,

@@ -60,6 +60,7 @@ from driver.inventory import AllocatableDevice, Inventory
 from driver.kubeletplugin.claims import Claim, ClaimRef
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.metrics import stage
+from driver.ownership import Ledger
 from mig.spec import MigLive, MigSpec, parse_name
 from sharing.config import ConfigGroup
 
@@ -103,6 +104,7 @@ class DeviceState:
         actions: Mapping[str, DeviceAction] | None = None,
         sharing: SharingAction | None = None,
         single_instance: bool = False,
+        ledger: Ledger | None = None,
     ) -> None:
         """Args:
         driver_name: results whose driver differs are left alone.
@@ -116,6 +118,8 @@ class DeviceState:
         sharing: sharing seam (default: :class:`NoSharing`).
         single_instance: no second plugin instance can run on this node at the same time (no
             rolling-update sockets); enables the cheaper path of :meth:`_needs_write_ahead`.
+        ledger: ownership records of changes that outlive the plugin (MIG instances, time
+            slices), read only when the checkpoint is lost (``driver.ownership``).
         """
         self.driver_name = driver_name
         self.pool_name = pool_name
@@ -129,6 +133,9 @@ class DeviceState:
         self.single_instance = single_instance
         self._cp_guard = threading.Lock()
         self._cache: dict[str, PreparedClaim] | None = None
+        self.ledger = ledger
+        #: Why claims cannot be served now (the checkpoint is unusable); None when they can.
+        self.unavailable: str | None = None
 
     # ---- prepare ------------------------------------------------------------------------------
 
@@ -141,11 +148,14 @@ class DeviceState:
             TemporaryClaimError: a lock, NVML or the file system failed in a way a retry may fix.
         """
         ref = claim_ref(claim)
+        self._refuse_while_unavailable()
         planned = self._plan(claim)
         self._check(claim, planned)
         with self.locks.hold(lock_keys(ref.uid, planned)):
             claims = self._all()
             recorded = claims.get(ref.uid)
+            if recorded is not None and recorded.state == PREPARE_COMPLETED and is_rebuilt(recorded):
+                recorded = self._adopt(ref, recorded, planned)
             if recorded is not None and recorded.state == PREPARE_COMPLETED:
                 log.debug("claim already prepared")
                 return reply_devices(recorded)
@@ -171,6 +181,47 @@ class DeviceState:
                 raise as_claim_error(exc, ref) from exc
             self._put(completed)
             return reply_devices(completed)
+
+    def _refuse_while_unavailable(self) -> None:
+        if self.unavailable is not None:
+            raise TemporaryClaimError(
+                f"the plugin cannot serve claims yet: {self.unavailable}; it retries on its own every few "
+                "seconds, and the kubelet's retry succeeds once that is fixed"
+            )
+
+    def _adopt(
+        self, ref: ClaimRef, rebuilt: PreparedClaim, planned: Sequence[Planned]
+    ) -> PreparedClaim | None:
+        """The kubelet prepares a claim rebuilt from the node after a lost checkpoint.
+
+        When the node's record names the devices the claim was allocated, the record is completed
+        with what only the claim says (name, request names, share ids, admin access) and kept.
+        Otherwise it is undone and the claim is prepared afresh (returns None).
+        """
+        if sorted(d.device for d in rebuilt.devices) == sorted(p.device.name for p in planned):
+            by_name = {p.device.name: p for p in planned}
+            devices = [
+                replace(
+                    d,
+                    request_names=[by_name[d.device].request],
+                    share_id=by_name[d.device].share_id,
+                    admin_access=by_name[d.device].admin_access,
+                )
+                for d in rebuilt.devices
+            ]
+            adopted = replace(rebuilt, namespace=ref.namespace, name=ref.name, devices=devices)
+            self._put(adopted)
+            log.info("claim rebuilt after a lost checkpoint adopted", devices=[d.device for d in devices])
+            return adopted
+        log.warning(
+            "claim rebuilt after a lost checkpoint does not match its allocation; undoing it",
+            rebuilt=[d.device for d in rebuilt.devices],
+            allocated=[p.device.name for p in planned],
+        )
+        self._undo(rebuilt)
+        self._forget(rebuilt.uid)
+        self._remove(rebuilt.uid)
+        return None
 
     def _needs_write_ahead(
         self, claim: Claim, planned: Sequence[Planned], recorded: PreparedClaim | None
@@ -269,6 +320,9 @@ class DeviceState:
         uid = started.uid
         devices: list[PreparedDevice] = []
         for record, p in zip(started.devices, planned, strict=True):
+            if p.device.mig_spec is not None and p.device.kind == "mig-dynamic" and self.ledger is not None:
+                # The mark says "this instance is the plugin's" when the checkpoint cannot.
+                self.ledger.mark_mig(uid, p.device.mig_spec)
             with stage("mig_create" if p.device.kind == "mig-dynamic" else "device_action"):
                 live = self.actions[p.device.kind].prepare(p.device)
             devices.append(replace(record, mig=mig_record(live)) if live is not None else record)
@@ -283,6 +337,8 @@ class DeviceState:
             # A sharing change the GPU keeps (a time slice) is recorded before it is made, so a
             # crash between the change and the next checkpoint write is still rolled back.
             intended.append(record)
+            if self.ledger is not None:
+                self.ledger.note_sharing(uid, record)
             self._put(replace(started, devices=devices, sharing=list(intended)))
 
         outcome = self.sharing.apply(uid, claim, [p.device for p in planned], created, intend)
@@ -327,6 +383,7 @@ class DeviceState:
             TemporaryClaimError: an undo step failed; the entry stays so the kubelet's retry can
                 finish the job.
         """
+        self._refuse_while_unavailable()
         recorded = self._get(ref.uid)
         if recorded is None:
             log.debug("claim not prepared here, nothing to undo")
@@ -342,6 +399,7 @@ class DeviceState:
                     self._rollback(recorded)
             except Exception as exc:
                 raise as_claim_error(exc, ref, temporary=True) from exc
+            self._forget(ref.uid)
             self._remove(ref.uid)
             log.info("claim unprepared", devices=[d.device for d in recorded.devices])
 
@@ -374,6 +432,7 @@ class DeviceState:
             log.exception("rollback after failed prepare failed; left for the next attempt")
             return
         if recorded is not None:
+            self._forget(started.uid)
             self._remove(started.uid)
 
     # ---- start-up -----------------------------------------------------------------------------
@@ -399,6 +458,7 @@ class DeviceState:
                     report.problems.append(f"rollback of claim {claim.uid} failed: {exc}")
                     log.exception("start-up rollback failed", claim_uid=claim.uid)
                     continue
+                self._forget(claim.uid)
                 self._remove(claim.uid)
                 report.rolled_back.append(claim.uid)
         self._sweep_cdi_root(report)
@@ -427,9 +487,19 @@ class DeviceState:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                         report.removed_specs.append(path)
+                # Records whose change was undone by a run that died before removing them.
+                if self.ledger is not None:
+                    report.removed_records.extend(self.ledger.sweep(known))
+                report.removed_records.extend(self.sharing.sweep())
         except TemporaryClaimError as exc:  # a busy GPU must not stop the plugin; orphans are harmless
             report.problems.append(f"CDI root sweep skipped: {exc}")
             log.warning("start-up CDI sweep skipped, GPU locks busy", error=str(exc))
+
+    def _forget(self, uid: str) -> None:
+        """Drop the ownership records of a claim whose changes are undone (before its entry goes)."""
+        if self.ledger is not None:
+            with self._checkpoint_write(f"drop the ownership records of claim {uid} next to"):
+                self.ledger.forget(uid)
 
     # ---- checkpoint helpers -------------------------------------------------------------------
     # The store's file lock keeps processes apart; this in-process lock keeps our own threads
@@ -485,6 +555,7 @@ class ReconcileReport:
 
     rolled_back: list[str] = field(default_factory=list)
     removed_specs: list[Path] = field(default_factory=list)
+    removed_records: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -495,6 +566,11 @@ def claim_ref(claim: Claim) -> ClaimRef:
     """The claim's namespace/name/UID from its metadata."""
     meta = claim.get("metadata") or {}
     return ClaimRef(str(meta.get("namespace", "")), str(meta.get("name", "")), str(meta.get("uid", "")))
+
+
+def is_rebuilt(claim: PreparedClaim) -> bool:
+    """Whether ``claim`` was rebuilt from the node (``driver.ownership``), not recorded by a prepare."""
+    return not claim.namespace and not claim.name
 
 
 def lock_keys(uid: str, devices: Sequence[Planned] | Sequence[PreparedDevice]) -> list[str]:
@@ -727,6 +803,10 @@ class SharingAction(Protocol):
         """
         ...
 
+    def sweep(self) -> list[Path]:
+        """Remove what interrupted starts left without a record (start-up, GPU locks held)."""
+        ...
+
 
 def config_groups(claim: Claim, devices: Sequence[AllocatableDevice], driver: str) -> list[ConfigGroup]:
     """The claim's devices grouped by the opaque config that applies to them (strictly decoded).
@@ -780,6 +860,9 @@ class NoSharing:
 
     def check(self, claim: Claim, devices: Sequence[AllocatableDevice]) -> None:
         self.apply("", claim, devices)  # decodes and refuses only: it changes nothing
+
+    def sweep(self) -> list[Path]:
+        return []
 
 
 class DriverRootEdits:

@@ -381,6 +381,33 @@ class MpsManager:
                 records.append(record)
         return records
 
+    def sweep_unrecorded(self, min_age_s: float = 60.0) -> list[Path]:
+        """Remove group directories that never got their record and no daemon answers in.
+
+        :meth:`start` creates the directories and then writes the record; a kill -9 in between
+        leaves a directory nothing names (and for MPS on MIG, one per new MIG UUID). One younger
+        than ``min_age_s`` may be another plugin instance's start in progress, so it is left.
+        """
+        if not self.root_dir.is_dir():
+            return []
+        removed: list[Path] = []
+        now = time.time()
+        for group_dir in sorted(p for p in self.root_dir.iterdir() if p.is_dir()):
+            if (group_dir / RECORD_FILE).exists():
+                continue
+            try:
+                age = now - group_dir.stat().st_mtime
+            except OSError:
+                continue
+            if age < min_age_s or self._answers(group_dir / "pipe"):
+                continue
+            if self.unmount_shm is not None and (group_dir / "shm").exists():
+                self.unmount_shm(group_dir / "shm")
+            shutil.rmtree(group_dir, ignore_errors=True)
+            removed.append(group_dir)
+            log.info("removed mps group directory without a record", group_dir=str(group_dir))
+        return removed
+
     # -- internals ----------------------------------------------------------------------------
 
     def _tool_env(self, daemon: MpsDaemon) -> dict[str, str]:

@@ -28,6 +28,10 @@ RUNTIME_CONFIGS_ENV = "GPU_DRA_RUNTIME_CONFIGS"
 DEFAULT_CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 
 
+#: Less free space than this in the state directory and a checkpoint write may fail.
+MIN_FREE_BYTES = 1 << 20
+
+
 class CheckFailedError(DriverError):
     """A doctor check found a problem; the message says what."""
 
@@ -119,6 +123,12 @@ class Doctor:
                 "enable CDI in the runtime (containerd: enable_cdi = true) and list the CDI root in "
                 "cdi_spec_dirs, then restart the runtime",
                 self.runtime_config,
+            ),
+            run_check(
+                "state directory usable",
+                "free space in the plugin's state directory (or move the file named aside); the plugin "
+                "refuses claims meanwhile and recovers by itself within seconds",
+                self.state_dir,
             ),
             run_check(
                 "checkpoint valid",
@@ -227,6 +237,27 @@ class Doctor:
             raise CheckSkippedError("no runtime config readable here: " + ", ".join(str(p) for p in configs))
         verdicts = [cdi_root_seen(p, self.cfg.cdi_root) for p in readable]
         return "; ".join(verdicts)
+
+    def state_dir(self) -> str:
+        directory = self.cfg.state_dir
+        checkpoint = directory / nodestate.CHECKPOINT_FILE
+        if checkpoint.is_dir():
+            raise CheckFailedError(
+                f"{checkpoint} is a directory, where the checkpoint file belongs; the plugin moves it "
+                "aside on start - remove it if it is still there"
+            )
+        try:
+            fs = os.statvfs(directory)
+        except OSError as exc:
+            raise CheckFailedError(f"cannot inspect {directory}: {exc.strerror or exc}") from exc
+        free = fs.f_bavail * fs.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise CheckFailedError(
+                f"directory {directory} is full ({free} bytes free): the plugin cannot record claims there"
+            )
+        if not os.access(directory, os.W_OK):
+            raise CheckFailedError(f"directory {directory} is not writable here")
+        return f"{directory}: {free >> 20} MiB free"
 
     def checkpoint(self, view: nodestate.CheckpointView) -> str:
         if view.problem:

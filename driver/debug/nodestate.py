@@ -86,6 +86,14 @@ def read_checkpoint(state_dir: Path) -> CheckpointView:
         text = path.read_bytes()
     except FileNotFoundError:
         return CheckpointView(path, False, {}, current_boot_id=boot_now)
+    except IsADirectoryError:
+        return CheckpointView(
+            path,
+            True,
+            {},
+            current_boot_id=boot_now,
+            problem=f"{path} is a directory, not the checkpoint file; the plugin moves it aside on start",
+        )
     except OSError as exc:
         return CheckpointView(
             path, True, {}, current_boot_id=boot_now, problem=f"cannot read {path}: {exc}; run as root"
@@ -119,6 +127,9 @@ def read_checkpoint(state_dir: Path) -> CheckpointView:
 
 
 def claim_ref(claim: PreparedClaim) -> str:
+    if not claim.namespace and not claim.name:
+        # Rebuilt from the node after a lost checkpoint; the kubelet's next prepare names it.
+        return f"(rebuilt) {claim.uid}"
     return f"{claim.namespace}/{claim.name}"
 
 

@@ -15,9 +15,11 @@ What it does not do: run containers (fakecri keeps records), or test the emulato
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client as kclient
 
 from driver.inventory import DRIVER_NAME
 from driver.nvml.fakestate import FakeState
@@ -310,3 +313,40 @@ def test_an_injected_xid_reaches_the_pods_allocated_resources_status(node_factor
     assert [resource["resourceID"]] == kubelet.pod_cdi_devices[pod["metadata"]["uid"]]["app"]
     assert resource["resourceID"].startswith(f"k8s.gpu.nvidia.com/claim={uid}-")
     assert "XID 79" in resource["message"], resource
+
+
+def test_on_a_cluster_of_real_kubelets_the_node_lifecycle_controller_lifts_the_not_ready_taint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Own control plane with the node-lifecycle controller (the session's has none: its nodes
+    made by ``create_node`` never heartbeat). Nothing lifts the taint here but the controller,
+    and a kubelet that stops heartbeating gets the unreachable taint."""
+    from tests.ground import peers
+    from tests.ground.controlplane import start_control_plane
+
+    work = tmp_path_factory.mktemp("lifecycle")
+    cp = start_control_plane(work / "cp", version=peers.k8s_version(), node_lifecycle=True)
+    run = Path(tempfile.mkdtemp(prefix="grk-", dir="/tmp"))  # short: Unix socket path limit
+    kubelet = RealKubelet(cp, "rk-lifecycle", run, work / "kubelet", untaint=False)
+    api: Any = cp.api_client()
+    core: Any = kclient.CoreV1Api(api)
+    try:
+        kubelet.start()
+        kubelet.wait_node_ready(api)
+
+        def taint_keys() -> set[str]:
+            return {t.key for t in core.read_node("rk-lifecycle").spec.taints or []}
+
+        wait_for(lambda: not taint_keys(), WAIT_S, "the controller to lift node.kubernetes.io/not-ready")
+        kubelet.stop_kubelet(signal.SIGKILL)
+        # No heartbeat for the grace period (40-50 s): the controller marks the node unreachable.
+        wait_for(
+            lambda: "node.kubernetes.io/unreachable" in taint_keys(),
+            WAIT_S,
+            "the controller to taint the silent node unreachable",
+        )
+    finally:
+        kubelet.stop()
+        api.close()
+        cp.stop()
+        shutil.rmtree(run, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""A kubelet stand-in for the DRA side of a node, for tests that have no real kubelet.
+"""A kubelet stand-in for the DRA side of a node, for what the real kubelet cannot do in a test.
 
-Why: the plugin must be accepted by a real kubelet, but these machines run no kubelet. This
-emulator plays the kubelet's part of the DRA protocol as written down in
-shared/spec/kubelet-dra-protocol.md, independently of the plugin (it imports nothing of the
-driver except the generated wire stubs):
+Why: the e2e nodes run the real kubelet (tests.ground.realkubelet). This emulator stays for
+kubelet-side fault injection (calls a kubelet would not make, on demand, in-process) and for a
+v1beta1-only 1.32 kubelet where none is built. It plays the kubelet's part of the DRA protocol
+as written down in shared/spec/kubelet-dra-protocol.md, independently of the plugin (it imports
+nothing of the driver except the generated wire stubs):
 
 * plugin registration: it watches a registry dir (recursively; only Unix sockets; names
   starting with "." ignored), dials each socket, calls GetInfo with a 1 s deadline, checks the

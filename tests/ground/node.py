@@ -409,6 +409,7 @@ class SimulatedNode:
         *,
         kubelet_services: Sequence[str] = KUBELET_134_SERVICES,
         kubelet: str | None = None,
+        kubelet_version: str | None = None,
         mig_mode: str = "dynamic",
         allow_mig_mode_change: bool = False,
         extra_args: Sequence[str] = (),
@@ -449,6 +450,7 @@ class SimulatedNode:
                 self.socket_base,
                 self.workdir / "kubelet",
                 labels={"nvidia.com/gpu.present": "true"},
+                version=kubelet_version,
             )
             self.registry_dir = self.kubelet.registry_dir
             self.plugins_dir = self.kubelet.plugins_dir

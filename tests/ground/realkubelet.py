@@ -63,6 +63,7 @@ from tests.ground.controlplane import ControlPlane, feature_gates, free_port
 from tests.ground.kubelet import (
     PREPARE,
     SERVICE_V1,
+    SERVICE_V1BETA1,
     UNPREPARE,
     CallRecord,
     ClaimRef,
@@ -88,14 +89,28 @@ KUBELET_SYSCTLS: Mapping[str, str] = {
     "kernel/keys/root_maxbytes": "25000000",
 }
 
-# Only the DRA plugin files log at the verbosity that shows registrations, calls and wipes.
-_VMODULE = "dra_plugin=4,dra_plugin_manager=5"
+# Only the DRA plugin files log at the verbosity that shows registrations, calls and wipes
+# (dra_plugin*.go since 1.33; plugin.go and registration.go in 1.32).
+_VMODULE = "dra_plugin=4,dra_plugin_manager=5,plugin=4,registration=3"
 
 _LINE = re.compile(
     r'^[IWEF]\d{4} [\d:.]+\s+\d+ (?P<file>[\w.]+):\d+\] "(?P<msg>(?:[^"\\]|\\.)*)"(?P<rest>.*)$'
 )
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _CLAIM = re.compile(r'namespace:"([^"]*)"\s+uid:"([^"]*)"\s+name:"([^"]*)"')
+
+
+def kubelet_feature_gates(version: str) -> dict[str, bool]:
+    """The kubelet's gates: the control plane's for 1.34+; DRA itself (beta, off) before that,
+    where the later DRA gates do not exist yet and would stop the kubelet."""
+    minor = int(version.lstrip("v").split(".")[1])
+    if minor < 34:
+        return {"DynamicResourceAllocation": True, "ResourceHealthStatus": True}
+    gates = {}
+    for entry in feature_gates(version):
+        name, _, value = entry.partition("=")
+        gates[name] = value == "true"
+    return gates
 
 
 class KubeletNodeError(RuntimeError):
@@ -264,10 +279,7 @@ class RealKubelet:
 
     def _write_config(self) -> None:
         self.port, self.healthz_port = free_port(), free_port()
-        gates = {}
-        for entry in feature_gates(self.version):
-            name, _, value = entry.partition("=")
-            gates[name] = value == "true"
+        gates = kubelet_feature_gates(self.version)
         config: dict[str, Any] = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -514,12 +526,18 @@ class RealKubelet:
         if line is None:
             return
         rec, v = self._records, line.values
-        driver, endpoint = v.get("driverName", ""), v.get("endpoint", "")
+        driver, endpoint = v.get("driverName") or v.get("pluginName", ""), v.get("endpoint", "")
         if line.msg == "Registered DRA plugin":
             rec.registrations.append(
                 Registration(driver, endpoint, v.get("chosenService", ""), time.time(), Path(endpoint))
             )
-        elif line.msg == "Unregistered DRA plugin":
+        elif line.msg == "Register new DRA plugin":
+            # 1.32: v1beta1 is the newest service it knows, and it tracks no connection state.
+            rec.registrations.append(
+                Registration(driver, endpoint, SERVICE_V1BETA1, time.time(), Path(endpoint))
+            )
+            rec.connected[endpoint] = True
+        elif line.msg in ("Unregistered DRA plugin", "Deregister DRA plugin"):
             rec.unregistered.append(endpoint)
             rec.connected.pop(endpoint, None)
         elif line.msg == "Connection changed":

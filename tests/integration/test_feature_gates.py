@@ -145,7 +145,8 @@ def test_dynamic_mig_gate_off_publishes_static_mig_only(tmp_path: Path, gate_on:
     nvml = daemon._open_nvml()
     assert nvml is not None
     try:
-        checkpoint = daemon._checkpoint()
+        checkpoint, problem = daemon._checkpoint()
+        assert problem is None
         daemon._mig_backend = daemon._mig(nvml)
         inventory = daemon._discover(nvml, daemon._mig_hook(checkpoint, daemon.cfg.mig_mode))
     finally:

@@ -437,6 +437,9 @@ class FakeSharing:
     def check(self, claim: Mapping[str, Any], devices: Sequence[AllocatableDevice]) -> None:
         return None
 
+    def sweep(self) -> list[Path]:
+        return []
+
 
 def test_sharing_seam_records_edits_and_undo(node: Node) -> None:
     """A sharing action's records are checkpointed, its edits land in the spec, unprepare undoes it."""

@@ -269,3 +269,29 @@ def test_writes_are_atomic_renames_without_fsync(
     assert fsyncs == []
     assert store.load() == {}
     assert [p.name for p in store.path.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_startup_sweeps_temp_files_and_moves_a_directory_aside(tmp_path):
+    """Issue 17: kill -9 mid-write leaves .tmp-checkpoint.json-* files; a directory where the file
+    belongs once made every start exit 1."""
+    from driver.checkpoint import CheckpointStore
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("b1\n")
+    path = tmp_path / "state" / "checkpoint.json"
+    (path / "inner").mkdir(parents=True)
+    for i in range(3):
+        (path.parent / f".tmp-checkpoint.json-{i}abc").write_bytes(b"half")
+    (path.parent / ".tmp-other-1").write_bytes(b"not ours")
+    report = CheckpointStore(path, boot).startup()
+    assert report.problem is None
+    assert report.lost
+    assert report.moved_aside is not None and report.moved_aside.is_dir()
+    assert "a directory is where the checkpoint file belongs" in str(report.corrupt_reason)
+    assert sorted(p.name for p in report.swept) == [f".tmp-checkpoint.json-{i}abc" for i in range(3)]
+    assert (path.parent / ".tmp-other-1").exists()
+    assert path.is_file()
+    # A healthy file is not lost; a deleted one is.
+    assert not CheckpointStore(path, boot).startup().lost
+    path.unlink()
+    assert CheckpointStore(path, boot).startup().lost

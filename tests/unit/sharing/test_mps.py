@@ -241,3 +241,23 @@ def test_daemon_survives_kill_9_of_the_plugin_and_is_not_started_twice(
     mgr.stop(record)
     assert not alive(record["pid"])
     assert fake_gpu.gpus()[GPU_UUIDS[0]]["computeMode"] == "DEFAULT"
+
+
+def test_sweep_removes_old_group_dirs_without_a_record_only(fake_gpu: FakeGpu) -> None:
+    """Issue 17: a start killed between mkdir and its record left a directory nothing names (for
+    MPS on MIG one per new MIG UUID); start-up removes it, but not a young one (another instance
+    may be starting it) nor one with a record."""
+    from sharing.mps import RECORD_FILE
+
+    mgr = MpsManager(fake_gpu.mps_root, fake_gpu.mps_control, fake_gpu.env)
+    old, young, recorded = (fake_gpu.mps_root / n for n in ("uid-a-11111", "uid-b-22222", "uid-c-33333"))
+    for group in (old, young, recorded):
+        (group / "pipe").mkdir(parents=True)
+    (recorded / RECORD_FILE).write_text("{}")
+    past = time.time() - 3600
+    for group in (old, recorded):
+        os.utime(group, (past, past))
+    assert mgr.sweep_unrecorded() == [old]
+    assert not old.exists()
+    assert young.exists()
+    assert recorded.exists()

@@ -167,3 +167,32 @@ def test_registered_in_gpu_dra_parser():
     assert callable(args.func)
     for command in ("explain", "devices", "slices", "claims", "cdi", "mig", "doctor", "probe"):
         assert callable(parser.parse_args([command, *(["c.yaml"] if command == "explain" else [])]).func)
+
+
+def test_doctor_names_a_directory_in_place_of_the_checkpoint_and_a_full_state_dir(tmp_path, monkeypatch):
+    """Issue 17: the start-up conditions the plugin reports are visible to `gpu-dra doctor` too."""
+    from dataclasses import replace
+
+    import pytest
+
+    from driver.config import Config
+    from driver.debug.doctor import CheckFailedError, Doctor
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = replace(Config(node_name="n"), state_dir_override=state)
+    check = Doctor(cfg, kube=lambda: None)
+    assert "MiB free" in check.state_dir()
+    (state / "checkpoint.json").mkdir()
+    with pytest.raises(CheckFailedError, match="is a directory, where the checkpoint file belongs"):
+        check.state_dir()
+    (state / "checkpoint.json").rmdir()
+
+    class Full:
+        f_bavail = 0
+        f_frsize = 4096
+
+    monkeypatch.setattr("os.statvfs", lambda _p: Full())
+    with pytest.raises(CheckFailedError, match=f"directory {state} is full"):
+        check.state_dir()
+    assert state.is_dir()
