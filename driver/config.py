@@ -34,7 +34,10 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     # combined with dynamic MIG, MPS and time-slicing).
     "NVMLDeviceHealthCheck": True,
     "PassthroughSupport": False,
-    "ConsumableShares": False,
+    # On by default, unlike NVIDIA's: shares are published only where the API server keeps the
+    # consumable-capacity fields (a dry-run probe decides), and mode "memory" makes a claim that
+    # asks for no capacity take the whole GPU, so existing manifests behave as before.
+    "ConsumableShares": True,
     "DRAListTypeAttributes": False,
 }
 
@@ -44,7 +47,6 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
 UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
     "PassthroughSupport": "VFIO passthrough of whole GPUs",
     "DRAListTypeAttributes": "list-typed device attributes",
-    "ConsumableShares": "consumable GPU shares",
 }
 
 
@@ -138,6 +140,9 @@ class Config:
 
     mps_ready_timeout_s: float = 10.0
     """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
+
+    consumable_shares: str = "memory"
+    """How full GPUs are offered as shares: memory, unlimited, N (shares) or disabled. (CONSUMABLE_SHARES)"""
 
     shutdown_grace_s: float = 5.0
     """After SIGTERM, how long running kubelet calls may take to finish. (SHUTDOWN_GRACE)"""
@@ -242,6 +247,13 @@ _FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag(
         "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
+    ),
+    _Flag(
+        "--consumable-shares",
+        ("CONSUMABLE_SHARES",),
+        "How full GPUs are offered as shares (gate ConsumableShares): memory, unlimited, a number N "
+        "of shares, or disabled.",
+        "memory",
     ),
     _Flag(
         "--shutdown-grace",
@@ -432,6 +444,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
+        consumable_shares=(v["consumable_shares"] or "memory").strip().lower(),
         shutdown_grace_s=shutdown_grace,
         additional_xids_to_ignore=parse_xid_list(v["additional_xids_to_ignore"] or ""),
         gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
@@ -452,6 +465,7 @@ def validate(cfg: Config) -> list[str]:
         *_backend_problems(cfg),
         *_api_problems(cfg),
         *_gate_problems(cfg.feature_gates),
+        *_share_problems(cfg),
     ]
 
 
@@ -563,6 +577,16 @@ def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
         for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
         if gates.get(name)
     ]
+
+
+def _share_problems(cfg: Config) -> list[str]:
+    from driver.shares import parse_share_mode
+
+    try:
+        parse_share_mode(cfg.consumable_shares)
+    except ValueError as exc:
+        return [f"--consumable-shares / CONSUMABLE_SHARES: {exc}"]
+    return []
 
 
 def load(argv_ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:

@@ -62,8 +62,9 @@ if TYPE_CHECKING:
     from driver.nvml.mig import NvmlMigBackend
     from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
-    from driver.state import DeviceState, SharingAction
+    from driver.state import DeviceState, ShareAction, SharingAction
     from driver.taints import DeviceTaints, TaintChange, TaintSync
+    from sharing.mps import MpsManager
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +137,7 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _shares_fallback: bool = False
     _lost: bool = False
     _taint_sync: TaintSync | None = None
     _service: DraService | None = None
@@ -220,6 +222,7 @@ class Daemon:
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
         if inventory is None or self.stop.is_set():
             return
+        inventory = self._offer_shares(inventory)
         self._checkpoint_store = checkpoint
         self.gate.phase = "rolling back unfinished prepares"
         self.state = self._device_state(inventory, checkpoint, sharing, ledger)
@@ -483,6 +486,7 @@ class Daemon:
             except (NvmlError, DiscoveryError) as exc:
                 log.warning("discovery after recovery failed; retrying", error=str(exc))
                 continue
+            inventory = self._offer_shares(inventory)
             state.inventory = inventory
             if self._publisher is not None:
                 self._publisher.update(inventory)
@@ -493,37 +497,56 @@ class Daemon:
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
-        from sharing.mps import MpsManager
         from sharing.timeslicing import TimeSlicer
 
         cfg = self.cfg
         root = cfg.container_driver_root
-        env: dict[str, str] = {}
-        launcher: tuple[str, ...] = ()
-        daemon_binary = None
+        return GpuSharing(
+            cfg.driver_name,
+            TimeSlicer(find_tool(root, "nvidia-smi"), self._tool_env()),
+            self._mps_manager(),
+            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
+            mps_enabled=cfg.gate("MPSSupport"),
+        )
+
+    def _shares(self) -> ShareAction:
+        from driver.gpushares import GpuShares
+        from driver.state import NoShares
+        from sharing.sharedmps import SharedMps
+
+        if not (self.cfg.gate("ConsumableShares") and self.cfg.gate("MPSSupport")):
+            return NoShares()
+        return GpuShares(SharedMps(self._mps_manager()))
+
+    def _tool_env(self) -> dict[str, str]:
+        cfg = self.cfg
         if cfg.nvml_backend == "fake":
             # The stand-in tools change the simulated GPU, whose state file the fake NVML shares.
-            env["GPU_DRA_FAKE_NVML_STATE"] = str(cfg.fake_state or (cfg.state_dir / "fake-nvml.json"))
-        else:
+            return {"GPU_DRA_FAKE_NVML_STATE": str(cfg.fake_state or (cfg.state_dir / "fake-nvml.json"))}
+        return {}
+
+    def _mps_manager(self) -> MpsManager:
+        from driver.gpusharing import find_tool
+        from sharing.mps import MpsManager
+
+        cfg = self.cfg
+        root = cfg.container_driver_root
+        launcher: tuple[str, ...] = ()
+        daemon_binary = None
+        if cfg.nvml_backend != "fake":
             # A daemon started inside the plugin's container dies with it; started in the host's
             # mount and PID namespaces in its own transient scope, it outlives plugin restarts
             # and upgrades (the chart runs the plugin with hostPID and privileged).
             launcher = MPS_HOST_LAUNCHER
             daemon_binary = find_tool(cfg.driver_root, "nvidia-cuda-mps-control")
-        return GpuSharing(
-            cfg.driver_name,
-            TimeSlicer(find_tool(root, "nvidia-smi"), env),
-            MpsManager(
-                cfg.mps_root,
-                find_tool(root, "nvidia-cuda-mps-control"),
-                env,
-                cfg.mps_ready_timeout_s,
-                nvidia_smi=find_tool(root, "nvidia-smi"),
-                launcher=launcher,
-                daemon_binary=daemon_binary,
-            ),
-            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
-            mps_enabled=cfg.gate("MPSSupport"),
+        return MpsManager(
+            cfg.mps_root,
+            find_tool(root, "nvidia-cuda-mps-control"),
+            self._tool_env(),
+            cfg.mps_ready_timeout_s,
+            nvidia_smi=find_tool(root, "nvidia-smi"),
+            launcher=launcher,
+            daemon_binary=daemon_binary,
         )
 
     def _device_state(
@@ -555,6 +578,7 @@ class Daemon:
             locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
             actions=default_actions(mig),
             sharing=sharing,
+            shares=self._shares(),
             single_instance=cfg.pod_uid is None,
             ledger=ledger,
         )
@@ -649,11 +673,22 @@ class Daemon:
         publisher = self._publisher
         return (0, {}) if publisher is None else (publisher.sync_attempts, dict(publisher.sync_errors))
 
+    def _offer_shares(self, inventory: Inventory) -> Inventory:
+        """Full GPUs as consumable shares (gate ConsumableShares), unless the server dropped them."""
+        from driver.shares import offer_shares, parse_share_mode
+
+        if not self.cfg.gate("ConsumableShares") or self._shares_fallback:
+            return inventory
+        return offer_shares(inventory, parse_share_mode(self.cfg.consumable_shares))
+
     def _fields_dropped(self, fields: Sequence[str]) -> None:
-        """The API server did not keep partitionable-device fields: fall back to static MIG, once.
+        """The API server did not keep fields we publish: fall back, once per kind of field.
 
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
-        placements there would let the scheduler hand out overlapping MIG slices.
+        placements there would let the scheduler hand out overlapping MIG slices. A server
+        without DRAConsumableCapacity drops ``allowMultipleAllocations`` and request policies;
+        GPUs are then published whole (the scheduler would otherwise see a plain device whose
+        claims still carry no share).
         """
         if any(f.endswith(".taints") for f in fields):
             log.warning(
@@ -663,19 +698,32 @@ class Daemon:
                 fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
                 "(on by default from Kubernetes 1.36)",
             )
-        if self._static_fallback or not any("ounter" in f for f in fields):
+        counters = not self._static_fallback and any("ounter" in f for f in fields)
+        shares = not self._shares_fallback and any(
+            "allowMultipleAllocations" in f or "requestPolicy" in f for f in fields
+        )
+        if not (counters or shares):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
-        self._static_fallback = True
-        log.warning(
-            "API server does not keep partitionable-device fields; publishing existing MIG devices "
-            "(static MIG) instead of dynamic placements",
-            fields=list(fields),
-            fix="enable the DRAPartitionableDevices feature gate on the API server and scheduler",
-        )
-        threading.Thread(target=self._republish_static, name="static-mig-fallback", daemon=True).start()
+        if counters:
+            self._static_fallback = True
+            log.warning(
+                "API server does not keep partitionable-device fields; publishing existing MIG devices "
+                "(static MIG) instead of dynamic placements",
+                fields=list(fields),
+                fix="enable the DRAPartitionableDevices feature gate on the API server and scheduler",
+            )
+        if shares:
+            self._shares_fallback = True
+            log.warning(
+                "API server does not keep consumable-capacity fields; publishing GPUs whole, not as shares",
+                fields=list(fields),
+                fix="enable the DRAConsumableCapacity feature gate on the API server and scheduler "
+                "(beta and on from 1.36), or set --consumable-shares=disabled to silence this",
+            )
+        threading.Thread(target=self._republish_fallback, name="publish-fallback", daemon=True).start()
 
-    def _republish_static(self) -> None:
+    def _republish_fallback(self) -> None:
         if self._nvml is None or self._checkpoint_store is None or self.state is None:
             return
         from driver.discovery import DiscoveryError, discover
@@ -685,8 +733,11 @@ class Daemon:
                 self._nvml,
                 self.cfg.node_name,
                 sysfs_root=self._sysfs_root,
-                mig_hook=self._mig_hook(self._checkpoint_store, "static"),
+                mig_hook=self._mig_hook(
+                    self._checkpoint_store, "static" if self._static_fallback else self.cfg.mig_mode
+                ),
             )
+            inventory = self._offer_shares(inventory)
         except (NvmlError, DiscoveryError) as exc:
             # Nothing was published with counters (the publisher probes first), so the node simply
             # offers nothing until the server keeps partitionable devices or MIG devices exist.
