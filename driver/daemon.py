@@ -11,9 +11,12 @@ Start-up, in this order:
 3. NVML session (real or fake) and discovery -> :class:`~driver.inventory.Inventory`; when NVML
    is not ready or finds no GPU, retry with backoff and say so each time - never serve or publish
    an empty node and go quiet (waiting calls get a temporary error naming the step);
-4. checkpoint start-up (earlier boot dropped, corrupt file moved aside) and
+4. checkpoint start-up (earlier boot dropped, corrupt file moved aside; a missing or moved-aside
+   checkpoint's claims rebuilt from the node by ``driver.ownership``) and
    :meth:`~driver.state.DeviceState.reconcile` (unfinished prepares rolled back, orphan CDI specs
-   removed); then the gate opens (``plugin ready``);
+   removed); then the gate opens (``plugin ready``). A state directory that cannot be written
+   (full, read-only) does not stop the plugin: it serves, refuses each claim with the reason,
+   and a recovery thread finishes this step once the cause is gone;
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
 6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
    ``--shutdown-grace`` (5 s), remove only our sockets, and exit without the interpreter's teardown
