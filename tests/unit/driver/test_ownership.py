@@ -120,3 +120,26 @@ def test_forget_and_sweep_remove_only_their_records(tmp_path: Path) -> None:
     removed = ledger.sweep(known={"uid-b"})
     assert [p.name for p in removed] == ["ts-uid-c.json"]
     assert set(ledger.sharing_records()) == {"uid-b"}
+
+
+def test_fractional_shares_come_back_as_their_gpu_with_the_share_id(tmp_path: Path) -> None:
+    cdi = CdiStore(tmp_path / "cdi")
+    _spec(cdi, "uid-sh", "gpu-1-share-a1", "gpu-1-share-b2")
+    out = rebuild(
+        pool="node-a",
+        cdi=cdi,
+        ledger=Ledger(tmp_path / "owned"),
+        gpus=[Gpu(0, GPU0), Gpu(1, GPU1)],
+        mig=None,
+        mps=None,
+        dynamic_mig=False,
+    )
+    devices = sorted(out.claims["uid-sh"].devices, key=lambda d: str(d.share_id))
+    assert [(d.device, d.share_id, d.gpu_uuid) for d in devices] == [
+        ("gpu-1", "a1", GPU1),
+        ("gpu-1", "b2", GPU1),
+    ]
+    assert [d.cdi_device_ids for d in devices] == [
+        ["k8s.gpu.nvidia.com/claim=uid-sh-gpu-1-share-a1"],
+        ["k8s.gpu.nvidia.com/claim=uid-sh-gpu-1-share-b2"],
+    ]
