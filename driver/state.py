@@ -580,6 +580,10 @@ class DeviceState:
     # only writer of its checkpoint, so it keeps what it last wrote in memory and skips reads;
     # any failed write drops that copy, and the next read goes to the file again.
 
+    def prepared_claims(self) -> list[PreparedClaim]:
+        """Every claim in the checkpoint, prepared or started (for metrics and watches; a copy)."""
+        return list(self._all().values())
+
     def _all(self) -> dict[str, PreparedClaim]:
         with self._cp_guard:
             if self._cache is not None:

@@ -607,9 +607,20 @@ def run_slices(args: argparse.Namespace, out: TextIO) -> int:
     inventory = _simulated(args) if args.topology else _local_inventory(args, _checkpoint(args))
     kube = _kube(args) if args.compare else None
     minor = kube.server_version()[1] if kube is not None else SERVER_MINOR
+    from driver.debug.taints import published_taints
     from driver.resourceslices import build_slices
 
-    slices = build_slices(inventory, node, cfg.driver_name, "", minor)
+    # What the plugin publishes includes its health taints (from its status file on this node).
+    taints = {} if args.topology else published_taints(cfg.state_dir)
+    slices = build_slices(
+        inventory,
+        node,
+        cfg.driver_name,
+        "",
+        minor,
+        taints=taints,
+        taintable=cfg.gate("NVMLDeviceHealthCheck"),
+    )
     result: JsonDict = {"slices": slices, "valid": True, "problems": [], "diff": None}
     try:
         validate_pool(slices, minor)

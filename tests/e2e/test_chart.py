@@ -267,6 +267,7 @@ def test_default_render(helm: Helm) -> None:
         (r["apiGroups"][0], r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]
     ) == [
         ("", "nodes", ("get",)),
+        ("events.k8s.io", "events", ("create",)),
         ("resource.k8s.io", "resourceclaims", ("get",)),
         ("resource.k8s.io", "resourceslices", ("create", "delete", "list", "update", "watch")),
     ]
