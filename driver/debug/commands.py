@@ -166,13 +166,21 @@ def topology_inventory(
 
 
 def _simulated(args: argparse.Namespace) -> Inventory:
-    """The inventory of the simulated node the command's ``--topology`` flags describe."""
-    return topology_inventory(
+    """The inventory of the simulated node the command's ``--topology`` flags describe.
+
+    Full GPUs are offered as shares as the plugin's defaults do (``--consumable-shares``), so
+    claims with ``capacity.requests`` are answered too.
+    """
+    from driver.shares import offer_shares, parse_share_mode
+
+    inventory = topology_inventory(
         args.topology,
         _node_name(args),
         args.mig_mode or "dynamic",
         allow_mig_mode_change=(args.allow_mig_mode_change or "false") == "true",
     )
+    mode = getattr(args, "consumable_shares", None) or "memory"
+    return offer_shares(inventory, parse_share_mode(mode))
 
 
 def _node_name(args: argparse.Namespace) -> str:

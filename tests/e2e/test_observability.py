@@ -11,6 +11,8 @@ a checkpoint found corrupt at start-up (moved aside) leaves a ``CheckpointQuaran
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import urllib.request
 from typing import Any
@@ -38,6 +40,7 @@ RETRIES = 3  # the kubelet backs off between retries of a failed prepare
 METRICS = ("--metrics-port", "0", "--recovery-poll-interval", "0.5", "--event-min-interval", "3600")
 # MigDeviceConfig on a full GPU: refused per claim, naming the fix.
 BAD_CONFIG = {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "MigDeviceConfig"}
+MPS = {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig", "sharing": {"strategy": "MPS"}}
 
 
 def metrics_port(node: SimulatedNode) -> int | None:
@@ -52,6 +55,12 @@ def scrape(node: SimulatedNode) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text: str = resp.read().decode()
     return text
+
+
+def scrape_where(node: SimulatedNode, name: str, want: float, **labels: str) -> str | None:
+    """A scrape in which ``name{labels}`` is ``want`` (None otherwise)."""
+    text = scrape(node)
+    return text if value(text, name, **labels) == want else None
 
 
 def value(text: str, name: str, **labels: str) -> float | None:
@@ -112,20 +121,36 @@ def test_metrics_and_events_after_prepares_and_a_fault(node_factory: NodeFactory
     assert event["note"] in kubelet_error  # the same words the kubelet (and the pod) got
     assert "MigDeviceConfig" in event["note"]
 
-    node_factory.apply(claim_and_pod("fine", ns, node.name, one_gpu()))
+    node_factory.apply(claim_and_pod("fine", ns, node.name, one_gpu(MPS)))
     await_on(node, lambda: any(is_running(p) for p in list_pods(node.api, ns, "fine")), "the good pod to run")
-    text = scrape(node)
+    fine_uid = read_claim(node.api, ns, "fine")["metadata"]["uid"]
+    text = await_on(
+        node, lambda: scrape_where(node, "gpu_dra_mps_daemons", 1), "one MPS daemon in the metrics"
+    )
     assert (value(text, "nvidia_dra_requests_total", operation="prepare") or 0) >= 1
     assert (value(text, "nvidia_dra_node_prepare_errors_total", error_type="prepare_devices") or 0) >= RETRIES
     assert value(text, "nvidia_dra_prepared_devices", device_type="gpu", node=node.name) == 1
     assert value(text, "gpu_dra_prepared_claims") == 1
-    for stage in ("claim_get", "lock_wait", "cdi_write", "checkpoint_write"):
+    for stage in ("claim_get", "lock_wait", "mps_start", "cdi_write", "checkpoint_write"):
         assert (value(text, "gpu_dra_prepare_stage_duration_seconds_count", stage=stage) or 0) >= 1, stage
     # Millisecond buckets: a full-GPU prepare's CDI write lands well below NVIDIA's first 50 ms bucket.
     assert (
         value(text, "gpu_dra_prepare_stage_duration_seconds_bucket", stage="cdi_write", le="0.025") or 0
     ) >= 1
     assert (value(text, "gpu_dra_slice_publish_attempts_total") or 0) >= 1
+
+    # The claim's MPS control daemon dies: a Node Event, and the gauge counts it out.
+    (record,) = [r for r in node.checkpoint()[fine_uid].sharing if r.get("kind") == "mps"]
+    os.kill(int(record["pid"]), signal.SIGKILL)
+    died = await_on(
+        node,
+        lambda: [
+            e for e in events_about(node, "default", "Node", node.name) if e["reason"] == "MPSDaemonDied"
+        ],
+        "an MPSDaemonDied Event on the Node",
+    )
+    assert str(record["pid"]) in died[0]["note"]
+    await_on(node, lambda: value(scrape(node), "gpu_dra_mps_daemons") == 0, "the MPS gauge to drop to 0")
 
     # A fatal XID on the GPU the broken claim did not get: health event, taint, Node Event.
     sick = uuid_of(node, "gpu-0")
@@ -140,11 +165,9 @@ def test_metrics_and_events_after_prepares_and_a_fault(node_factory: NodeFactory
     )
     assert "gpu.nvidia.com/xid=48:NoSchedule" in node_events[0]["note"]
 
-    def with_xid() -> str | None:
-        current = scrape(node)
-        return current if value(current, "gpu_dra_health_events_total", xid="48") == 1 else None
-
-    text = await_on(node, with_xid, "the XID in the metrics")
+    text = await_on(
+        node, lambda: scrape_where(node, "gpu_dra_health_events_total", 1, xid="48"), "the XID in the metrics"
+    )
     assert value(text, "gpu_dra_device_taints", key="gpu.nvidia.com/xid", effect="NoSchedule") == 1
 
     lint = subprocess.run(
