@@ -156,6 +156,9 @@ class Config:
     recovery_poll_s: float = 10.0
     """How often GPUs with faults are checked for recovery. (RECOVERY_POLL_INTERVAL)"""
 
+    event_interval_s: float = 60.0
+    """Least time between two Events of one object and reason (the rate limit). (EVENT_MIN_INTERVAL)"""
+
     metrics_port: int = -1
     """TCP port of the Prometheus /metrics endpoint (all addresses); -1 off, 0 any. (METRICS_PORT)"""
 
@@ -278,6 +281,12 @@ _FLAGS: tuple[_Flag, ...] = (
         "Seconds between recovery checks of GPUs with health faults.",
         "10",
     ),
+    _Flag(
+        "--event-min-interval",
+        ("EVENT_MIN_INTERVAL",),
+        "Seconds between two Events of one object and reason (repeats are counted, not sent).",
+        "60",
+    ),
     _Flag("--metrics-port", ("METRICS_PORT",), "Prometheus /metrics port on all addresses (-1: off).", "-1"),
 )
 
@@ -390,6 +399,13 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         raise ConfigError(
             f"--metrics-port / METRICS_PORT must be an integer, got {v['metrics_port']!r}"
         ) from None
+    try:
+        event_interval = float(v["event_min_interval"] or "60")
+    except ValueError:
+        raise ConfigError(
+            "--event-min-interval / EVENT_MIN_INTERVAL must be a number of seconds, "
+            f"got {v['event_min_interval']!r}"
+        ) from None
     from driver.health import parse_xid_list
 
     no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
@@ -434,6 +450,7 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
         recovery_poll_s=recovery_poll,
         metrics_port=metrics_port,
+        event_interval_s=event_interval,
     )
 
 
@@ -475,6 +492,10 @@ def _identity_problems(cfg: Config) -> list[str]:
         problems.append(
             f"--metrics-port / METRICS_PORT and --healthcheck-port / HEALTHCHECK_PORT are both "
             f"{cfg.metrics_port}; give them different ports"
+        )
+    if cfg.event_interval_s < 0:
+        problems.append(
+            f"--event-min-interval / EVENT_MIN_INTERVAL {cfg.event_interval_s} must be >= 0 seconds"
         )
     if not cfg.recovery_poll_s > 0:
         problems.append(

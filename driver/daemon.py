@@ -57,14 +57,16 @@ from driver.kubeletplugin.sockets import private_dir
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore, PreparedClaim
     from driver.discovery import MigHook
+    from driver.events import EventRecorder
     from driver.health import HealthMonitor, Snapshot
     from driver.kube import Kube
+    from driver.metrics import Metrics
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
     from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
     from driver.state import DeviceState, ShareAction, SharingAction
-    from driver.taints import DeviceTaints, TaintSync
+    from driver.taints import DeviceTaints, TaintChange, TaintSync
     from sharing.mps import MpsManager
 
 log = structlog.get_logger(__name__)
@@ -140,7 +142,14 @@ class Daemon:
     _static_fallback: bool = False
     _shares_fallback: bool = False
     _lost: bool = False
+    _pending_events: list[tuple[str, str, str]] = field(default_factory=list)
+    _events_lock: threading.Lock = field(default_factory=threading.Lock)
     _taint_sync: TaintSync | None = None
+    _service: DraService | None = None
+    _monitor: HealthMonitor | None = None
+    _quarantined: str | None = None
+    _metrics: Metrics | None = None
+    _events: EventRecorder | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
     activity: Activity = field(default_factory=Activity)
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
@@ -189,10 +198,11 @@ class Daemon:
             cfg.driver_name,
             cfg.pod_uid,
         )
+        self._service = DraService(_GatedPreparer(self.gate, self.activity), source)
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
-            DraService(_GatedPreparer(self.gate, self.activity), source),
+            self._service,
             extra_handlers=health_handlers(self._health),
             extra_services=HEALTH_SERVICES,
         )
@@ -227,12 +237,25 @@ class Daemon:
             # Serve, refuse claims with the reason, and finish start-up once the cause is gone:
             # a crash loop would only hide the reason behind restarts.
             self.state.unavailable = problem
+            self._announce(
+                "Warning",
+                "CheckpointUnusable",
+                f"claims are refused until the plugin can record them: {problem}",
+            )
             threading.Thread(
                 target=self._recover, args=(nvml, checkpoint, ledger, sharing), name="recovery", daemon=True
             ).start()
         self._start_health(nvml, self.state)
         self.gate.open(self.state)
         log.info("plugin ready", startup_ms=_ms_since(self.started_at))
+        # Metrics, Events and the MPS watch load on a thread of their own: prometheus_client and
+        # the API client stay off the way to serving the kubelet.
+        threading.Thread(
+            target=self._start_observability,
+            args=(kube_future, self.state),
+            name="observability",
+            daemon=True,
+        ).start()
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
@@ -272,6 +295,7 @@ class Daemon:
             clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
+        self._monitor = monitor
         self._health.attach(monitor)
         self._start_taints(monitor)
 
@@ -393,7 +417,18 @@ class Daemon:
         for warning in report.warnings:
             log.warning("checkpoint start-up", warning=warning)
         self._lost = report.lost
+        if report.moved_aside is not None:
+            self._quarantined = report.warnings[0]
         return checkpoint, report.problem
+
+    def _announce(self, event_type: str, reason: str, note: str) -> None:
+        """A Node Event now, or once the Event recorder runs (it starts after the sockets)."""
+        with self._events_lock:
+            events = self._events
+            if events is None:
+                self._pending_events.append((event_type, reason, note))
+        if events is not None:
+            events.node_event(event_type, reason, "StartPlugin", note)
 
     def _rebuild(
         self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
@@ -429,6 +464,12 @@ class Daemon:
         except (DriverError, OSError) as exc:
             return f"the claims rebuilt from the node cannot be recorded: {exc}"
         self._lost = False
+        self._announce(
+            "Warning",
+            "OwnershipRebuilt",
+            f"the checkpoint was lost; {len(rebuilt.claims)} claim(s) rebuilt from the node (CDI specs, MPS "
+            "records, MIG marks); the kubelet's next prepare or unprepare of each completes or undoes it",
+        )
         log.warning(
             "checkpoint was lost; what the plugin owns was rebuilt from the node",
             claims={uid: c.state for uid, c in rebuilt.claims.items()},
@@ -448,6 +489,8 @@ class Daemon:
             if self.stop.wait(delay):
                 return
             report = checkpoint.startup()
+            if report.moved_aside is not None and self._events is not None:
+                self._events.checkpoint_quarantined(report.warnings[0])
             problem = report.problem
             self._lost = self._lost or report.lost
             if problem is None and self._lost:
@@ -475,6 +518,9 @@ class Daemon:
             state.reconcile()
             state.unavailable = None
             log.info("checkpoint usable again; serving claims", path=str(checkpoint.path))
+            self._announce(
+                "Normal", "CheckpointUsable", f"checkpoint {checkpoint.path} usable again; serving claims"
+            )
             return
 
     def _sharing(self) -> SharingAction:
@@ -590,6 +636,75 @@ class Daemon:
         self._publisher = publisher
         publisher.start(inventory)
         self._closers.append(publisher.stop)
+
+    def _start_observability(self, kube_future: Future[Kube] | None, state: DeviceState) -> None:
+        """Events (with an API server), the MPS watch and /metrics (with --metrics-port), wired in."""
+        from driver.mpswatch import MpsWatch
+
+        cfg = self.cfg
+        try:
+            events = None
+            if kube_future is not None:
+                from driver.events import EventRecorder, RateLimit
+
+                events = EventRecorder(
+                    kube_future.result(), cfg.node_name, RateLimit(min_interval_s=cfg.event_interval_s)
+                )
+                events.start()
+                self._closers.append(events.stop)
+                if self._quarantined is not None:
+                    events.checkpoint_quarantined(self._quarantined)
+            with self._events_lock:
+                self._events = events
+                pending, self._pending_events = self._pending_events, []
+            if events is not None:
+                for event_type, reason, note in pending:
+                    events.node_event(event_type, reason, "StartPlugin", note)
+            mps = MpsWatch(
+                state.prepared_claims,
+                events.mps_daemon_died if events is not None else lambda *_: None,
+            )
+            mps.check()
+            mps.start()
+            self._closers.append(mps.stop)
+            metrics = None
+            if cfg.metrics_port >= 0:
+                from driver.metrics import Metrics
+
+                metrics = Metrics(
+                    cfg.driver_name,
+                    cfg.node_name,
+                    published=lambda: [d.kind for d in state.inventory.devices],
+                    prepared=lambda: [[d.kind for d in c.devices] for c in state.prepared_claims()],
+                    mps_daemons=lambda: mps.running,
+                    publishing=self._publish_stats,
+                )
+                metrics.install()
+                metrics.serve(cfg.metrics_port)
+                self._closers.append(metrics.stop)
+                if self._monitor is not None:
+                    self._monitor.on_faults = metrics.faults_seen
+            self._metrics = metrics
+            observers = [o for o in (metrics, events) if o is not None]
+            if self._service is not None and observers:
+                self._service.observer = _Observers(observers)
+            sync = self._taint_sync
+            if sync is not None:
+                sync.on_change = self._taints_changed
+                if metrics is not None:
+                    metrics.taints_now(sync.current)
+        except Exception:  # observability must never take the plugin down
+            log.exception("starting metrics / events failed; the plugin serves on without them")
+
+    def _taints_changed(self, changes: Sequence[TaintChange]) -> None:
+        if self._metrics is not None and self._taint_sync is not None:
+            self._metrics.taints_now(self._taint_sync.current)
+        if self._events is not None:
+            self._events.taints_changed(changes)
+
+    def _publish_stats(self) -> tuple[int, dict[str, int]]:
+        publisher = self._publisher
+        return (0, {}) if publisher is None else (publisher.sync_attempts, dict(publisher.sync_errors))
 
     def _offer_shares(self, inventory: Inventory) -> Inventory:
         """Full GPUs as consumable shares (gate ConsumableShares), unless the server dropped them."""
@@ -773,6 +888,24 @@ class _GatedPreparer:
             self._gate.state().unprepare(ref)
         finally:
             self._activity.touch()
+
+
+class _Observers:
+    """Fans a claim's start and outcome out to metrics and Events (``RequestObserver``)."""
+
+    def __init__(self, observers: Sequence[Any]) -> None:
+        self._observers = tuple(observers)
+
+    def started(self, op: str) -> None:
+        for o in self._observers:
+            o.started(op)
+
+    def finished(self, op: str, ref: ClaimRef, seconds: float, error: Exception | None, message: str) -> None:
+        for o in self._observers:
+            try:
+                o.finished(op, ref, seconds, error, message)
+            except Exception:  # an observer must not change a claim's outcome
+                log.exception("request observer failed", observer=type(o).__name__)
 
 
 class LateHealthMonitor:

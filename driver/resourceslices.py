@@ -1086,6 +1086,9 @@ class SlicePublisher:
         self._taintable = taintable
         self._taints: Mapping[str, Sequence[Any]] = {}
         self._on_sync = on_sync
+        #: Sync attempts and failed ones by error type, since start (read by the metrics).
+        self.sync_attempts = 0
+        self.sync_errors: dict[str, int] = {}
         self._node = node_name
         self._driver = driver_name
         self._resync_delay = resync_delay_s
@@ -1263,6 +1266,10 @@ class SlicePublisher:
                     self._not_before = time.monotonic() + delay
                 self._request_sync(delay)
             with self._cond:
+                self.sync_attempts += 1
+                if error is not None:
+                    kind = type(error).__name__
+                    self.sync_errors[kind] = self.sync_errors.get(kind, 0) + 1
                 self._running = False
                 if ok:
                     self._failures = 0

@@ -171,11 +171,13 @@ class SharedMps:
         _check_name("share id", share.share_id)
         daemon = self.daemon(share.gpu_uuid)
         members = daemon.group_dir / MEMBERS
+        before = max((s.thread_percentage for s in self.members(share.gpu_uuid)), default=0)
         members.mkdir(parents=True, exist_ok=True)
         write_atomic(members / share.member_name, json.dumps(share.to_record()))
         try:
-            self._ensure_running(daemon)
-            self._set_ceiling(daemon)
+            started = self._ensure_running(daemon)
+            if started or share.thread_percentage > before:
+                self._set_ceiling(daemon)
         except BaseException:
             self.leave(share)
             raise
@@ -285,9 +287,10 @@ class SharedMps:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _ensure_running(self, daemon: MpsDaemon) -> None:
+    def _ensure_running(self, daemon: MpsDaemon) -> bool:
+        """Start the daemon unless it answers; True when it was started here."""
         if self._mps._answers(daemon.pipe_dir):
-            return
+            return False
         for sub in (daemon.pipe_dir, daemon.log_dir, daemon.shm_dir):
             sub.mkdir(parents=True, exist_ok=True)
         write_atomic(daemon.group_dir / RECORD_FILE, json.dumps(daemon.to_record()))
@@ -300,18 +303,24 @@ class SharedMps:
                 self._mps._stop_daemon(daemon, pid_grace_s=1.0)
             raise
         log.info("shared mps daemon started", gpu=daemon.uuids[0], pid=self._mps._read_pid(daemon.pipe_dir))
+        return True
 
     def _set_ceiling(self, daemon: MpsDaemon) -> None:
         """The daemon's thread percentage is the largest share's: no client can ask for more."""
         shares = self.members(daemon.uuids[0])
-        if shares:
-            ceiling = max(s.thread_percentage for s in shares)
-            self._mps._command(daemon.pipe_dir, f"set_default_active_thread_percentage {ceiling}")
+        if not shares:
+            return
+        ceiling = max(s.thread_percentage for s in shares)
+        self._mps._command(daemon.pipe_dir, f"set_default_active_thread_percentage {ceiling}")
+        # The default reaches servers started later; a running server is told on its own.
+        for server in _pids(self._mps._command(daemon.pipe_dir, "get_server_list")):
+            self._mps._command(daemon.pipe_dir, f"set_active_thread_percentage {server} {ceiling}")
 
     def _stop_if_unused(self, daemon: MpsDaemon) -> None:
         if not daemon.group_dir.exists() or self.members(daemon.uuids[0]):
             return
-        self._mps._stop_daemon(daemon)
+        # A daemon launched just before a crash writes its pid file a moment later: wait for it.
+        self._mps._stop_daemon(daemon, pid_grace_s=1.0)
         self._mps.smi.set_compute_mode(daemon.uuids[0], "DEFAULT")
         if self._mps.unmount_shm is not None and daemon.shm_dir.exists():
             self._mps.unmount_shm(daemon.shm_dir)
