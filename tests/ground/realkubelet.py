@@ -416,6 +416,11 @@ class RealKubelet:
         )
 
     @property
+    def holder(self) -> subprocess.Popen[bytes] | None:
+        """The process holding the kubelet's mount namespace (``/proc/<pid>/ns/mnt``)."""
+        return self._holder
+
+    @property
     def kubelet_running(self) -> bool:
         return self._kubelet is not None and self._kubelet.poll() is None
 
