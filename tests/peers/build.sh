@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|kubelet|k8s-resolve|helm|mocknvml|cdi|all] ...   (default: all)
+# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|all] ...
+#        (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
 #        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
@@ -288,11 +289,12 @@ for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION" ;;
     kubelet) build_kubelet "$K8S_VERSION" ;;
+    kubelet-v1beta1) build_kubelet "$K8S_KUBELET_V1BETA1" ;;
     k8s-resolve) k8s_resolve "$K8S_VERSION" ;;
     helm) build_helm ;;
     cdi) build_cdi ;;
     mocknvml) build_mocknvml ;;
-    all) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_helm; build_cdi; build_mocknvml ;;
-    *) echo "unknown peer '$t' (want k8s, kubelet, k8s-resolve, helm, cdi, mocknvml or all)" >&2; exit 2 ;;
+    all) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_kubelet "$K8S_KUBELET_V1BETA1"; build_helm; build_cdi; build_mocknvml ;;
+    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml or all)" >&2; exit 2 ;;
   esac
 done
