@@ -291,7 +291,9 @@ def get_info_after_spawn(plugin: PluginProcess, timeout_s: float = 60.0) -> floa
     """Seconds from spawn to a GetInfo answer, calling as the kubelet does once the socket is there."""
     plugin.wait_socket(timeout_s)
     with grpc.insecure_channel(f"unix://{plugin.node.reg_socket}") as channel:
-        registration_pb2_grpc.RegistrationStub(channel).GetInfo(registration_pb2.InfoRequest(), timeout=10)
+        registration_pb2_grpc.RegistrationStub(channel).GetInfo(
+            registration_pb2.InfoRequest(), timeout=10, wait_for_ready=False
+        )
     return time.perf_counter() - plugin.started
 
 

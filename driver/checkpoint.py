@@ -24,8 +24,10 @@ Why each part exists:
   reads the file, but when its bytes are the ones this store last wrote or read it reuses the
   claims decoded then instead of parsing and verifying them again;
 * the checksum catches a torn or hand-edited file; :meth:`CheckpointStore.startup` moves such a
-  file aside to ``<path>.corrupt-<timestamp>`` and starts empty - reported loudly, never a crash
-  loop;
+  file (or a directory in its place) aside to ``<path>.corrupt-<timestamp>`` and starts empty -
+  reported loudly, never a crash loop; what the lost file recorded is then rebuilt from the node
+  (``driver.ownership``), and a state directory that cannot be written is reported as the
+  report's ``problem`` instead of an exception;
 * the boot id: after a reboot no claim is prepared any more (MIG devices, MPS daemons, CDI specs
   in /var/run are gone), so claims from an earlier boot are dropped.
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -177,9 +178,20 @@ class Rebuilt:
     notes: list[str] = field(default_factory=list)
 
 
-def mps_claim_uid(group_id: str) -> str:
-    """The claim UID inside an MPS group id ``<claim UID>-<5 hex>``."""
-    return group_id.rsplit("-", 1)[0]
+def mps_claim_uid(record: Mapping[str, Any]) -> str | None:
+    """The claim UID of a per-claim MPS group record, or None for any other record.
+
+    A per-claim group id is ``<claim UID>-<first 5 hex of sha256 of its sorted UUIDs>``
+    (``sharing.mps.mps_group_id``); the digest is checked, so a daemon shared by several claims
+    (or anything else under the MPS root) is never taken for one claim's and stopped with it.
+    """
+    group_id = str(record.get("groupId", ""))
+    uid, _, digest = group_id.rpartition("-")
+    uuids = record.get("uuids")
+    if not uid or not isinstance(uuids, list):
+        return None
+    expected = hashlib.sha256(",".join(sorted(str(u) for u in uuids)).encode()).hexdigest()[:5]
+    return uid if digest == expected else None
 
 
 def rebuild(
@@ -327,9 +339,9 @@ def _sharing(ledger: Ledger, mps: SharingRecords | None) -> dict[str, list[dict[
         sharing.setdefault(uid, []).extend(records)
     if mps is not None:
         for record in mps.leftovers(""):
-            uid = mps_claim_uid(str(record.get("groupId", "")))
-            if uid:
-                sharing.setdefault(uid, []).append({"kind": "mps", **record})
+            owner = mps_claim_uid(record)
+            if owner:
+                sharing.setdefault(owner, []).append({"kind": "mps", **record})
     return sharing
 
 

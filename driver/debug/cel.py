@@ -23,8 +23,9 @@ beyond the API's expression length limit.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import total_ordering
@@ -506,6 +507,47 @@ _LIST_METHODS: Mapping[str, str] = {
 }
 
 
+#: gpu.nvidia.com's attribute and capacity names (NVIDIA's, see driver/discovery.py) for did-you-mean.
+KNOWN_NAMES = (
+    "type",
+    "uuid",
+    "productName",
+    "brand",
+    "architecture",
+    "cudaComputeCapability",
+    "driverVersion",
+    "cudaDriverVersion",
+    "index",
+    "minor",
+    "profile",
+    "parentUUID",
+    "parentIndex",
+    "parentMinor",
+    "memory",
+    "multiprocessors",
+    "copyEngines",
+    "decoders",
+    "encoders",
+    "jpegEngines",
+    "ofaEngines",
+    "pcieRoot",
+)
+DEVICE_FIELDS = ("driver", "attributes", "capacity")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """The closest of ``choices`` to a misspelt ``name`` (case-insensitive), or None."""
+    options = list(dict.fromkeys(choices))
+    lowered = {c.lower(): c for c in options}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    found = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    if found:
+        return lowered[found[0]]
+    prefixed = [c for c in options if c.lower().startswith(name.lower()[:4])] if len(name) >= 4 else []
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
 def _children(tree: lark.Tree[Any]) -> list[Any]:
     return list(tree.children)
 
@@ -601,6 +643,7 @@ class _Checker:
 
     def domainless(self, tree: Any) -> None:
         text = self.text(tree)
+        self.domain_index(text)
         match = re.search(r"device\.(attributes|capacity)\.(\w+)", text)
         if match:
             raise _RejectError(
@@ -677,11 +720,21 @@ class _Checker:
         if bt == "device":
             fields = {"driver": "string", "attributes": "attrs", "capacity": "caps"}
             if name not in fields:
-                raise _RejectError(
-                    Issue(
-                        f"undefined field {name!r} of device (it has driver, attributes, capacity)",
-                        f'device.attributes["gpu.nvidia.com"].{name}',
+                field = did_you_mean(name, DEVICE_FIELDS)
+                attribute = did_you_mean(name, KNOWN_NAMES)
+                if field is not None:
+                    fix = self.expression.replace(f"device.{name}", f"device.{field}")
+                elif attribute is not None:
+                    group = "capacity" if attribute in ("memory", "multiprocessors") else "attributes"
+                    fix = self.expression.replace(
+                        f"device.{name}", f'device.{group}["gpu.nvidia.com"].{attribute}'
                     )
+                else:
+                    fix = (
+                        'device.attributes["<domain>"].<name>, e.g. device.attributes["gpu.nvidia.com"].type'
+                    )
+                raise _RejectError(
+                    Issue(f"undefined field {name!r} of device (it has driver, attributes, capacity)", fix)
                 )
             return fields[name]
         if bt in ("attrs", "caps"):
@@ -704,6 +757,29 @@ class _Checker:
             return "quantity"
         self.require(bt in ("dyn", "map", "list"), f"type {_show(bt)} cannot be indexed: {self.text(tree)}")
         return "dyn"
+
+    def domain_index(self, text: str) -> None:
+        """``device.attributes["profile"]``: an attribute name where its domain belongs."""
+        literal = re.search(r"""device\.(attributes|capacity)\[\s*(["'])([^"']*)\2\s*\]""", text)
+        if literal is None:
+            return
+        group, key = literal.group(1), literal.group(3)
+        domain, sep, name = key.rpartition("/")
+        if sep and domain:
+            raise _RejectError(
+                Issue(
+                    f'device.{group}["{key}"]: a qualified name is looked up as domain, then name',
+                    self.expression.replace(literal.group(0), f'device.{group}["{domain}"].{name}'),
+                )
+            )
+        if "." not in key:
+            raise _RejectError(
+                Issue(
+                    f'device.{group}["{key}"] looks up {key!r} as a domain: the {group} are grouped by '
+                    f"domain, so {key!r} needs its domain first",
+                    self.expression.replace(literal.group(0), f'device.{group}["gpu.nvidia.com"].{key}'),
+                )
+            )
 
     def method(  # noqa: PLR0912 - one branch per receiver type, as the checker has
         self, tree: lark.Tree[Any], target: Any, name: str, args: list[Any]
@@ -899,14 +975,28 @@ class Selector:
         try:
             result = self.program.evaluate(dict(activation))
         except CELEvalError as exc:
-            return Outcome(False, _describe(exc))
+            return Outcome(False, _with_suggestion(_describe(exc), activation))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             return Outcome(False, f"evaluation failed: {exc}")
         if isinstance(result, CELEvalError):
-            return Outcome(False, _describe(result))
+            return Outcome(False, _with_suggestion(_describe(result), activation))
         if not isinstance(result, (ct.BoolType, bool)):
             return Outcome(False, f"expression returned {_type_name(result)} {result!r}, not bool")
         return Outcome(bool(result))
+
+
+def _with_suggestion(message: str, activation: Mapping[str, Any]) -> str:
+    """``no such key: prodName`` plus the device's closest name: ``did you mean productName?``."""
+    missing = re.fullmatch(r"no such key: (.+)", message)
+    device = activation.get("device")
+    if missing is None or not isinstance(device, Mapping):
+        return message
+    names: list[str] = []
+    for group in ("attributes", "capacity"):
+        for domain_map in (device.get(ct.StringType(group)) or {}).values():
+            names.extend(str(k) for k in domain_map)
+    suggestion = did_you_mean(missing.group(1), names)
+    return f"{message} (did you mean {suggestion}?)" if suggestion else message
 
 
 def _describe(exc: CELEvalError) -> str:
@@ -934,7 +1024,7 @@ def check(expression: str) -> tuple[Issue, ...]:
     try:
         tree = _ENV.compile(expression)
     except CELParseError as exc:
-        return (Issue(f"syntax error: {str(exc).splitlines()[0]}"),)
+        return (Issue(syntax_error(expression, getattr(exc, "line", None), getattr(exc, "column", None))),)
     checker = _Checker(expression)
     try:
         result = checker.type_of(tree)
@@ -948,6 +1038,16 @@ def check(expression: str) -> tuple[Issue, ...]:
     if result not in ("bool", "dyn"):
         return (Issue(f"must evaluate to bool, not {_show(result)}", f"({expression}) == <value>"),)
     return ()
+
+
+def syntax_error(expression: str, line: int | None, column: int | None) -> str:
+    """A syntax error as the API server shows it: where, the line, and a caret under the column."""
+    lines = expression.splitlines() or [expression]
+    if not line or not column or line > len(lines):
+        return "syntax error in the expression; check brackets, quotes and operators"
+    text = lines[line - 1]
+    where = f"line {line}, column {column}" if len(lines) > 1 else f"column {column}"
+    return f"syntax error at {where}:\n  | {text}\n  | {' ' * (column - 1)}^"
 
 
 _CACHE: dict[str, Selector] = {}

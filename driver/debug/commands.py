@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import textwrap
@@ -351,9 +352,61 @@ def _explanation_header(exp: Explanation, node_label: str, extra: Mapping[str, A
     return lines
 
 
-def _explanation_text(exp: Explanation, node_label: str, extra: Mapping[str, Any]) -> str:
-    lines = _explanation_header(exp, node_label, extra)
+_REFERENCE = re.compile(r"""device\.(attributes|capacity)\[\s*["']([^"']+)["']\s*\]\.(\w+)""")
+
+
+def _actual_values(expression: str, device: Any) -> str:
+    """What the device has for each attribute/capacity ``expression`` reads: ``productName="..."``."""
+    if device is None:
+        return ""
+    shown: list[str] = []
+    for group, domain, name in dict.fromkeys(_REFERENCE.findall(expression)):
+        values = device.attributes if group == "attributes" else device.capacity
+        value = values.get(name) if domain == device.driver else None
+        value = values.get(f"{domain}/{name}", value)
+        if value is None:
+            shown.append(f"{name} absent")
+        elif group == "capacity":
+            shown.append(
+                f"{name}={render.quantity(int(value))}" if value == int(value) else f"{name}={value}"
+            )
+        else:
+            text = getattr(value, "value", value)
+            shown.append(f"{name}={json.dumps(text) if isinstance(text, str) else text}")
+    return ", ".join(shown)
+
+
+def _why(d: Any, taken: set[str], device: Any) -> str:
+    failing = next((c for c in d.clauses if c.outcome is None or not c.outcome.matched), None)
+    if d.matched:
+        return "all clauses true" + (" (but held by another claim)" if d.device in taken else "")
+    if failing is not None and failing.outcome is not None and failing.outcome.error:
+        from driver.debug.cel import compile_selector
+
+        if not compile_selector(failing.expression).valid:
+            # About the claim, not this device: said once, under REJECTED.
+            return f"{failing.source}: not evaluated, the API server rejects this selector (see REJECTED)"
+        return f"{failing.source}: ERROR {failing.outcome.error}"
+    if failing is not None:
+        actual = _actual_values(failing.expression, device)
+        return f"{failing.source} false: {failing.expression}" + (f" (device has {actual})" if actual else "")
+    return "-"
+
+
+def _explanation_text(
+    exp: Explanation, node_label: str, extra: Mapping[str, Any], node: NodeDevices | None = None
+) -> str:
+    """Verdict first, then the context, then per request one row per distinct reason."""
+    if exp.rejections:
+        verdict = "would fit: no (the API server rejects the claim as written; see REJECTED below)"
+    elif exp.fits:
+        picked = "; ".join(f"{k}: {', '.join(v)}" for k, v in exp.allocation.items())
+        verdict = f"would fit: yes with devices [{picked}]"
+    else:
+        verdict = f"would fit: no ({exp.reason})"
+    lines = [verdict, "", *_explanation_header(exp, node_label, extra)]
     taken = {h["device"] for h in extra.get("allocatedToOtherClaims") or []}
+    by_name = {dev.name: dev for dev in (node.devices if node is not None else ())}
     for alt in exp.alternatives:
         a = alt.alternative
         want = "all" if a.mode == "All" else str(a.count)
@@ -361,28 +414,25 @@ def _explanation_text(exp: Explanation, node_label: str, extra: Mapping[str, Any
         if alt.problem:
             lines.append(f"  {alt.problem}")
             continue
-        rows = []
+        # Identical answers are one row: a 200-placement MIG node otherwise prints 200 lines.
+        groups: dict[tuple[str, str], list[str]] = {}
         for d in alt.devices:
-            failing = next((c for c in d.clauses if c.outcome is None or not c.outcome.matched), None)
-            if d.matched:
-                why = "all clauses true" + (" (but held by another claim)" if d.device in taken else "")
-            elif failing is not None and failing.outcome is not None and failing.outcome.error:
-                why = f"{failing.source}: ERROR {failing.outcome.error}"
-            elif failing is not None:
-                why = f"{failing.source} false: {failing.expression}"
+            result = "match" if d.matched else ("error" if d.error else "no")
+            groups.setdefault((result, _why(d, taken, by_name.get(d.device))), []).append(d.device)
+        rows = []
+        for (result, why), names in groups.items():
+            if len(names) == len(alt.devices) > 1:
+                label = f"all {len(names)} devices"
+            elif len(names) > 1:
+                label = f"{names[0]} (+{len(names) - 1} more)"
             else:
-                why = "-"
-            rows.append((d.device, "match" if d.matched else ("error" if d.error else "no"), why))
-        lines.append(render.table(("DEVICE", "RESULT", "WHY"), rows))
+                label = names[0]
+            rows.append((label, result, why))
+        lines.append(render.table(("DEVICES", "RESULT", "WHY"), rows))
     for c in exp.claim.constraints:
         attr = c.match_attribute or c.distinct_attribute
         kind = "matchAttribute" if c.match_attribute else "distinctAttribute"
         lines.append(f"\nconstraint {kind} {attr} over {', '.join(c.requests) or 'all requests'}")
-    if exp.fits:
-        picked = "; ".join(f"{k}: {', '.join(v)}" for k, v in exp.allocation.items())
-        lines.append(f"\nwould fit: yes with devices [{picked}]")
-    else:
-        lines.append(f"\nwould fit: no ({exp.reason})")
     return "\n".join(lines)
 
 
@@ -423,7 +473,7 @@ def run_explain(args: argparse.Namespace, out: TextIO) -> int:
         "allocatedToOtherClaims": held,
         "warnings": warnings,
     }
-    render.emit({**exp.to_dict(), **extra}, args.output, _explanation_text(exp, label, extra), out)
+    render.emit({**exp.to_dict(), **extra}, args.output, _explanation_text(exp, label, extra, node), out)
     return 0 if exp.fits else 1
 
 
@@ -808,7 +858,9 @@ def run_claims(args: argparse.Namespace, out: TextIO) -> int:
         for d in data
     ]
     text = render.table(("UID", "CLAIM", "STATE", "DEVICES", "SHARING", "AGE"), rows, _style(args))
-    if view.problem:
+    if args.no_headers:
+        pass  # rows only, for scripts
+    elif view.problem:
         text += f"\ncheckpoint: PROBLEM: {view.problem}"
     elif view.exists:
         text += (

@@ -127,6 +127,9 @@ def read_checkpoint(state_dir: Path) -> CheckpointView:
 
 
 def claim_ref(claim: PreparedClaim) -> str:
+    if not claim.namespace and not claim.name:
+        # Rebuilt from the node after a lost checkpoint; the kubelet's next prepare names it.
+        return f"(rebuilt) {claim.uid}"
     return f"{claim.namespace}/{claim.name}"
 
 

@@ -73,16 +73,31 @@ class KubeletPlugin:
             self.paths.registration,
             [lambda s: registration_pb2_grpc.add_RegistrationServicer_to_server(registration, s)],
             2,
+            appear_when_listening=True,
         )
         log.info("registration socket ready", socket=str(self.paths.registration))
 
     def _listen(
-        self, path: Path, handlers: Sequence[Callable[[grpc.Server], None]], workers: int
+        self,
+        path: Path,
+        handlers: Sequence[Callable[[grpc.Server], None]],
+        workers: int,
+        *,
+        appear_when_listening: bool = False,
     ) -> grpc.Server:
+        """Serve on ``path``. ``appear_when_listening``: bind under a dot name (the kubelet's
+        plugin watcher skips dot files) and rename it into place once it listens and has its
+        mode, so the kubelet's first connect, made as soon as the name appears, never finds a
+        socket that is bound but not yet listening."""
         prepare_socket_path(path, own_dir=path == self.paths.dra)
+        bind_at = path.with_name(f".{path.name}.tmp") if appear_when_listening else path
+        if bind_at != path:
+            prepare_socket_path(bind_at)  # left by a start killed between bind and rename
         owned = OwnedSocket(path)
-        server = serve(path, handlers, workers)
-        restrict_socket(path)
+        server = serve(bind_at, handlers, workers)
+        restrict_socket(bind_at)
+        if bind_at != path:
+            bind_at.rename(path)
         owned.mark_bound()
         self._owned.append(owned)
         return server

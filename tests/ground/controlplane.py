@@ -162,7 +162,9 @@ def make_pki(d: Path) -> Pki:
         cwd=d,
     )
     (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        # 10.96.0.1 is the in-cluster address of the kubernetes Service: pods of a real node reach
+        # the API server there (tests.ground.netrelay) with their unmodified in-cluster config.
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
         "extendedKeyUsage=serverAuth\n"
     )
@@ -437,11 +439,17 @@ def start_control_plane(
     extra_feature_gates: Mapping[str, bool] | None = None,
     *,
     node_lifecycle: bool = False,
+    extra_controllers: Sequence[str] = (),
+    apiserver_args: Sequence[str] = (),
 ) -> ControlPlane:
     """Starts etcd, kube-apiserver, kube-scheduler, kube-controller-manager; waits until ready.
 
     ``node_lifecycle`` adds the node-lifecycle controller (not-ready taints, eviction from dead
     nodes): only for clusters whose nodes are all real kubelets.
+
+    ``extra_controllers`` run besides :data:`CONTROLLERS` (a real node needs
+    ``daemonset-controller``); ``apiserver_args`` are appended to kube-apiserver's flags (a real
+    node's egress selector).
 
     ``extra_feature_gates`` go to apiserver, scheduler and controller-manager after the
     version's own gates, overriding any of the same name (e.g. ``{"DRAPartitionableDevices":
@@ -503,8 +511,12 @@ def start_control_plane(
                 "--allow-privileged=true",
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",
+                # The API server's client identity towards kubelets (exec, logs): the admin cert.
+                f"--kubelet-client-certificate={pki.admin_crt}",
+                f"--kubelet-client-key={pki.admin_key}",
                 *([f"--runtime-config={','.join(runtime)}"] if runtime else []),
                 *gate_flags,
+                *apiserver_args,
                 "--v=1",
             ],
         )
@@ -527,7 +539,11 @@ def start_control_plane(
                 f"--cert-dir={workdir / 'sched-certs'}",
             ],
         )
-        controllers = [*CONTROLLERS, *(["node-lifecycle-controller"] if node_lifecycle else [])]
+        controllers = [
+            *CONTROLLERS,
+            *(["node-lifecycle-controller"] if node_lifecycle else []),
+            *extra_controllers,
+        ]
         kcm = cp._spawn(
             "kube-controller-manager",
             [

@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -156,3 +157,41 @@ def mocknvml_env(profile: str) -> dict[str, str]:
         "LD_LIBRARY_PATH": f"{lib}:{prior}" if prior else str(lib),
         "MOCK_NVML_CONFIG": str(mocknvml_config(profile)),
     }
+
+
+def _node_peer(target: str, dirname: str, names: Sequence[str]) -> Path:
+    _build(target)
+    bin_dir = cache_dir() / dirname / "bin"
+    for name in names:
+        _require(bin_dir / name, target)
+    return bin_dir
+
+
+def containerd_bin_dir() -> Path:
+    """containerd, ctr and containerd-shim-runc-v2 at the pinned version."""
+    return _node_peer(
+        "containerd",
+        f"containerd-{pins()['CONTAINERD_VERSION']}",
+        ("containerd", "ctr", "containerd-shim-runc-v2"),
+    )
+
+
+def runc_path() -> Path:
+    """The static runc (with seccomp) at the pinned version."""
+    return _node_peer("runc", f"runc-{pins()['RUNC_VERSION']}", ("runc",)) / "runc"
+
+
+def cni_bin_dir() -> Path:
+    """The CNI plugins bridge, host-local and loopback at the pinned version."""
+    return _node_peer(
+        "cni", f"cni-plugins-{pins()['CNI_PLUGINS_VERSION']}", ("bridge", "host-local", "loopback")
+    )
+
+
+def pause_dir() -> Path:
+    """The static pause binary (bin/pause) of the Kubernetes release under test, and its image TAG file."""
+    ver = k8s_version()
+    _build("pause", {"K8S_VERSION": ver})
+    d = cache_dir() / f"pause-{ver}"
+    _require(d / "bin" / "pause", "pause")
+    return d

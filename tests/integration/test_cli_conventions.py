@@ -318,3 +318,73 @@ def test_doctor_reports_skipped_checks_as_skipped_and_keeps_logs_off_stdout(
     table = gpu_dra("doctor", *local(tmp_path), home=home)
     assert table.out.startswith("verdict: ")  # the verdict first
     assert table.out.count("skip  device nodes exist") == 1
+
+
+# -- explain's fixes -----------------------------------------------------------------------------
+
+
+def explain(tmp_path: Path, home: Path, expression: str, topology: str, cls: str = "gpu.nvidia.com") -> Run:
+    claim = json.loads(json.dumps(CLAIM))
+    exactly = claim["spec"]["devices"]["requests"][0]["exactly"]
+    exactly.update({"deviceClassName": cls, "selectors": [{"cel": {"expression": expression}}]})
+    path = tmp_path / "claim.yaml"
+    path.write_text(yaml.safe_dump(claim))
+    return gpu_dra("explain", str(path), "--topology", topology, home=home)
+
+
+def test_an_attribute_without_its_domain_gets_the_domain_qualified_fix(tmp_path: Path, home: Path) -> None:
+    run = explain(
+        tmp_path, home, 'device.attributes["profile"] == "1g.5gb"', "a100-40gb-x1-mig", "mig.nvidia.com"
+    )
+    assert run.rc == 1, run.err
+    assert run.out.startswith("would fit: no (the API server rejects")  # the verdict first
+    assert 'fix: device.attributes["gpu.nvidia.com"].profile == "1g.5gb"' in run.out
+    assert run.out.count("needs its domain first") == 1  # about the claim: said once, not per device
+    assert "no matching overload" not in run.out
+
+
+def test_misspelt_names_get_a_did_you_mean(tmp_path: Path, home: Path) -> None:
+    field = explain(tmp_path, home, 'device.atributes["gpu.nvidia.com"].type == "gpu"', "t4-x4")
+    assert 'fix: device.attributes["gpu.nvidia.com"].type == "gpu"' in field.out
+    assert '["gpu.nvidia.com"].atributes' not in field.out
+    key = explain(tmp_path, home, 'device.attributes["gpu.nvidia.com"].prodName == "x"', "t4-x4")
+    assert "no such key: prodName (did you mean productName?)" in key.out
+
+
+def test_a_syntax_error_shows_the_column_and_a_caret(tmp_path: Path, home: Path) -> None:
+    run = explain(
+        tmp_path, home, 'device.driver == && device.attributes["gpu.nvidia.com"].type == "gpu"', "t4-x4"
+    )
+    lines = run.out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "syntax error at column 18" in line)
+    assert lines[at + 1].strip() == '| device.driver == && device.attributes["gpu.nvidia.com"].type == "gpu"'
+    assert lines[at + 2].index("^") - lines[at + 2].index("|") == lines[at + 1].index("&&") - lines[
+        at + 1
+    ].index("|")
+
+
+def test_a_failing_row_shows_the_devices_actual_values(tmp_path: Path, home: Path) -> None:
+    expression = (
+        'device.attributes["gpu.nvidia.com"].productName == "NVIDIA H100" && '
+        'device.capacity["gpu.nvidia.com"].memory.isGreaterThan(quantity("10Gi"))'
+    )
+    run = explain(tmp_path, home, expression, "a100-40gb-x8")
+    assert run.rc == 1
+    assert '(device has productName="NVIDIA A100-SXM4-40GB", memory=40Gi)' in run.out
+    assert "all 8 devices" in run.out  # identical answers, one row
+
+
+def test_simulate_on_a_big_mig_node_is_verdict_first_and_grouped(tmp_path: Path, home: Path) -> None:
+    claim = json.loads(json.dumps(CLAIM))
+    claim["spec"]["devices"]["requests"][0]["exactly"] = {
+        "deviceClassName": "mig.nvidia.com",
+        "selectors": [{"cel": {"expression": 'device.attributes["gpu.nvidia.com"].profile == "7g.80gb"'}}],
+    }
+    path = tmp_path / "claim.yaml"
+    path.write_text(yaml.safe_dump(claim))
+    run = gpu_dra(
+        "simulate", str(path), "--topology", "h100-80gb-x8", "--allow-mig-mode-change", "true", home=home
+    )
+    assert run.rc == 0, run.err
+    assert run.out.startswith("would fit: yes")
+    assert len(run.out.splitlines()) < 30, run.out  # was 200+ rows before the verdict

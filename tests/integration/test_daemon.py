@@ -186,10 +186,13 @@ def test_daemon_serves_reconciles_and_exits_cleanly_on_sigterm(layout: Layout) -
     wait_for_socket(proc, layout.reg_socket)
     try:
         assert layout.dra_socket.exists()  # the DRA socket came first
+        # The name appears only once the socket listens: a fail-fast first call is answered, and
+        # the dot name it was bound under is gone.
         with grpc.insecure_channel(f"unix://{layout.reg_socket}") as channel:
             info = registration_pb2_grpc.RegistrationStub(channel).GetInfo(
-                registration_pb2.InfoRequest(), timeout=10
+                registration_pb2.InfoRequest(), timeout=10, wait_for_ready=False
             )
+        assert [p.name for p in layout.registry.iterdir() if p.name.startswith(".")] == []
         assert info.endpoint == str(layout.dra_socket)
         # The first prepare waits at the start-up gate until reconcile is done.
         resp = prepare(layout, "team-a", "train", "uid-1")

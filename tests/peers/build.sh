@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|all] ...
-#        (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
+# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|containerd|runc|cni|pause|node|all]
+#        ... (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
 #        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
@@ -283,6 +283,102 @@ build_mocknvml() {
   say "mock NVML: done -> $dir/lib/libnvidia-ml.so.1"
 }
 
+# debs_into DIR PKG...: download Debian packages (the host's apt sources, no install) and unpack them
+# under DIR; prints what it fetched. Nothing on the host changes.
+debs_into() {
+  local dir=$1
+  shift
+  mkdir -p "$dir/debs"
+  (cd "$dir/debs" && apt-get download -q "$@" >"$dir/debs/download.log" 2>&1) \
+    || { cat "$dir/debs/download.log" >&2; echo "apt-get download $* failed (run apt-get update?)" >&2; exit 1; }
+  local deb
+  for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/sysroot"; say "  unpacked $(basename "$deb")"; done
+}
+
+build_containerd() {
+  local dir="$cache/containerd-$CONTAINERD_VERSION" key="containerd=$CONTAINERD_MODULE@$CONTAINERD_VERSION script=1"
+  if done_stamp "$dir" "$key"; then say "containerd $CONTAINERD_VERSION: cached"; return; fi
+  say "containerd $CONTAINERD_VERSION: building containerd, ctr, containerd-shim-runc-v2 (cold: ~4 min on 2 cores)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  printf 'module gpudra.local/peers/containerd\n\ngo 1.26\n\nrequire %s %s\n' "$CONTAINERD_MODULE" "$CONTAINERD_VERSION" >"$dir/src/go.mod"
+  (
+    cd "$dir/src"
+    go get "$CONTAINERD_MODULE/cmd/containerd@$CONTAINERD_VERSION" >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    local ld="-s -w -X $CONTAINERD_MODULE/version.Version=$CONTAINERD_VERSION -X $CONTAINERD_MODULE/version.Package=$CONTAINERD_MODULE"
+    for cmd in containerd ctr containerd-shim-runc-v2; do
+      say "containerd: go build $cmd"
+      CGO_ENABLED=0 go build -tags no_btrfs -ldflags="$ld" -o "$dir/bin/$cmd" "$CONTAINERD_MODULE/cmd/$cmd"
+    done
+  )
+  echo "$key" >"$dir/.built"
+  say "containerd: done -> $dir/bin"
+}
+
+# runc with seccomp: a static binary linked against libseccomp.a from Debian's libseccomp-dev,
+# unpacked into a private sysroot (not installed on the host).
+build_runc() {
+  local dir="$cache/runc-$RUNC_VERSION" key="runc=$RUNC_MODULE@$RUNC_VERSION seccomp static script=1"
+  if done_stamp "$dir" "$key"; then say "runc $RUNC_VERSION: cached"; return; fi
+  say "runc $RUNC_VERSION: building static runc with seccomp (cold: ~1 min)"
+  rm -rf "$dir/src" "$dir/sysroot" "$dir/debs" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin" "$dir/sysroot"
+  debs_into "$dir" libseccomp-dev libseccomp2
+  local sysroot="$dir/sysroot" arch
+  arch=$(gcc -print-multiarch)
+  [[ -f "$sysroot/usr/lib/$arch/libseccomp.a" ]] || { echo "libseccomp-dev holds no libseccomp.a for $arch" >&2; exit 1; }
+  printf 'module gpudra.local/peers/runc\n\ngo 1.26\n\nrequire %s %s\n' "$RUNC_MODULE" "$RUNC_VERSION" >"$dir/src/go.mod"
+  (
+    cd "$dir/src"
+    go get "$RUNC_MODULE@$RUNC_VERSION" >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    # The .pc file names /usr; the sysroot variable points pkg-config's answers into ours.
+    export PKG_CONFIG_PATH="$sysroot/usr/lib/$arch/pkgconfig" PKG_CONFIG_SYSROOT_DIR="$sysroot" PKG_CONFIG_LIBDIR=""
+    CGO_ENABLED=1 go build -tags "seccomp urfave_cli_no_docs netgo osusergo" \
+      -ldflags="-s -w -X main.version=${RUNC_VERSION#v} -extldflags=-static" -o "$dir/bin/runc" "$RUNC_MODULE"
+  )
+  "$dir/bin/runc" --version | grep -q "libseccomp: 2" || { "$dir/bin/runc" --version >&2; echo "runc built without seccomp" >&2; exit 1; }
+  echo "$key" >"$dir/.built"
+  say "runc: done -> $dir/bin/runc ($("$dir/bin/runc" --version | tr '\n' ' '))"
+}
+
+build_cni() {
+  local dir="$cache/cni-plugins-$CNI_PLUGINS_VERSION" key="cni=$CNI_PLUGINS_MODULE@$CNI_PLUGINS_VERSION bridge,host-local,loopback script=1"
+  if done_stamp "$dir" "$key"; then say "CNI plugins $CNI_PLUGINS_VERSION: cached"; return; fi
+  say "CNI plugins $CNI_PLUGINS_VERSION: building bridge, host-local, loopback (cold: ~1 min)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  printf 'module gpudra.local/peers/cni\n\ngo 1.26\n\nrequire %s %s\n' "$CNI_PLUGINS_MODULE" "$CNI_PLUGINS_VERSION" >"$dir/src/go.mod"
+  (
+    cd "$dir/src"
+    go get "$CNI_PLUGINS_MODULE/plugins/main/bridge@$CNI_PLUGINS_VERSION" >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    local ld="-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION"
+    for p in main/bridge ipam/host-local main/loopback; do
+      say "CNI plugins: go build ${p#*/}"
+      CGO_ENABLED=0 go build -ldflags="$ld" -o "$dir/bin/${p#*/}" "$CNI_PLUGINS_MODULE/plugins/$p"
+    done
+  )
+  echo "$key" >"$dir/.built"
+  say "CNI plugins: done -> $dir/bin"
+}
+
+# The pod sandbox's pause binary from Kubernetes' own pause.c (k8s.io/kubernetes VER, build/pause),
+# static; the image tag that release's build/pause/Makefile gives it lands in TAG beside bin/pause.
+build_pause() {
+  local ver=$1 src tag
+  src=$(go mod download -json "k8s.io/kubernetes@$ver" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/build/pause
+  tag=$(awk -F' *[?]?= *' '$1=="TAG"{print $2; exit}' "$src/Makefile")
+  [[ -n $tag ]] || { echo "no TAG in $src/Makefile" >&2; exit 1; }
+  local dir="$cache/pause-$ver" key="pause=k8s.io/kubernetes@$ver tag=$tag script=1"
+  if done_stamp "$dir" "$key"; then say "pause $tag: cached"; return; fi
+  say "pause $tag: building static pause from $src/linux/pause.c"
+  rm -rf "$dir/bin" "$dir/.built" && mkdir -p "$dir/bin"
+  gcc -Os -Wall -Werror -static -DVERSION="v$tag-gpu-dra" -o "$dir/bin/pause" "$src/linux/pause.c"
+  strip "$dir/bin/pause"
+  echo "$tag" >"$dir/TAG"
+  echo "$key" >"$dir/.built"
+  say "pause: done -> $dir/bin/pause"
+}
+
+# The real node's runtime peers (tests marked real_runtime).
+build_node() { build_containerd; build_runc; build_cni; build_pause "$K8S_VERSION"; }
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(all)
 for t in "${targets[@]}"; do
@@ -294,7 +390,14 @@ for t in "${targets[@]}"; do
     helm) build_helm ;;
     cdi) build_cdi ;;
     mocknvml) build_mocknvml ;;
-    all) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_kubelet "$K8S_KUBELET_V1BETA1"; build_helm; build_cdi; build_mocknvml ;;
-    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml or all)" >&2; exit 2 ;;
+    containerd) build_containerd ;;
+    runc) build_runc ;;
+    cni) build_cni ;;
+    pause) build_pause "$K8S_VERSION" ;;
+    node) build_node ;;
+    all)
+      build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_kubelet "$K8S_KUBELET_V1BETA1"
+      build_helm; build_cdi; build_mocknvml; build_node ;;
+    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml, containerd, runc, cni, pause, node or all)" >&2; exit 2 ;;
   esac
 done

@@ -200,3 +200,53 @@ def test_no_compilers_and_a_slim_python_that_satisfies_requires_python() -> None
     required = re.fullmatch(r">=(\d+)\.(\d+)", str(_project()["requires-python"]))
     assert required
     assert (int(match[1]), int(match[2])) >= (int(required[1]), int(required[2]))
+
+
+# -- the local build (tests/ground/images.py) runs this recipe, not a copy of it ----------------
+
+
+def test_the_local_build_runs_every_instruction_of_the_dockerfile() -> None:
+    from tests.ground import images
+
+    stages = images.plan(DOCKERFILE.read_text())
+    runs = [i.args for i in _instructions() if i.keyword == "RUN"]
+    assert [st["cmd"] for s in stages for st in s.steps if st["op"] == "RUN"] == runs
+    copies = [i.args for i in _instructions() if i.keyword == "COPY"]
+    planned = [st for s in stages for st in s.steps if st["op"] == "COPY"]
+    assert len(planned) == len(copies)
+    for step, args in zip(planned, copies, strict=True):
+        words = args.split()
+        assert step["dest"] == words[-1]
+        assert step["src"] == [w for w in words[:-1] if not w.startswith("--from=")]
+    final = stages[-1]
+    entry = next(i for i in _final_stage() if i.keyword == "ENTRYPOINT")
+    assert final.entrypoint == tuple(json.loads(entry.args))
+    assert final.user == next(i.args for i in _final_stage() if i.keyword == "USER")
+    env = " ".join(i.args for i in _final_stage() if i.keyword == "ENV")
+    for key in re.findall(r"(\w+)=", env):
+        assert key in final.env, f"ENV {key} of the Dockerfile is missing from the local build's image"
+    labels = " ".join(i.args for i in _final_stage() if i.keyword == "LABEL")
+    assert set(re.findall(r"([\w.]+)=", labels)) == set(final.labels)
+
+
+def test_the_local_base_stands_in_for_the_dockerfiles_from_image() -> None:
+    from tests.ground import images
+
+    stages = images.plan(DOCKERFILE.read_text())
+    names = {s.name for s in stages}
+    bases = {s.base for s in stages if s.base not in names}
+    assert bases, "the Dockerfile names no base image"
+    for base in bases:
+        assert base in images.BASES, f"no local stand-in for {base} in tests/ground/images.py BASES"
+        tag = re.fullmatch(r"python:(\d+\.\d+)-slim-(\w+)", base)
+        assert tag, base
+        assert images.BASES[base]["python"] == tag[1]
+        assert images.BASES[base]["suite"] == tag[2]
+
+
+@pytest.mark.parametrize("line", ["ADD dist/x.whl /tmp/", "HEALTHCHECK CMD true", "COPY --chown=1:1 a /b"])
+def test_the_local_build_refuses_what_it_cannot_run(line: str) -> None:
+    from tests.ground import images
+
+    with pytest.raises(images.ImageBuildError, match="not supported"):
+        images.plan(f"FROM python:3.11-slim-bookworm\n{line}\n")
