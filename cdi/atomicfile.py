@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -61,13 +62,18 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, *, durable: b
 
 
 def _write_atomic(path: Path, payload: bytes, mode: int, *, durable: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    except FileNotFoundError:  # the directory is made on first use (or after someone removed it)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(payload)
             tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
+            # mkstemp asks for 0600 (less any umask bits); a change of mode is an inode update.
+            if stat.S_IMODE(os.fstat(tmp.fileno()).st_mode) != mode:
+                os.fchmod(tmp.fileno(), mode)
             if durable:
                 os.fsync(tmp.fileno())
         Path(tmp_name).replace(path)

@@ -34,7 +34,10 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
     # combined with dynamic MIG, MPS and time-slicing).
     "NVMLDeviceHealthCheck": True,
     "PassthroughSupport": False,
-    "ConsumableShares": False,
+    # On by default, unlike NVIDIA's: shares are published only where the API server keeps the
+    # consumable-capacity fields (a dry-run probe decides), and mode "memory" makes a claim that
+    # asks for no capacity take the whole GPU, so existing manifests behave as before.
+    "ConsumableShares": True,
     "DRAListTypeAttributes": False,
 }
 
@@ -44,7 +47,6 @@ KNOWN_FEATURE_GATES: Mapping[str, bool] = {
 UNIMPLEMENTED_FEATURE_GATES: Mapping[str, str] = {
     "PassthroughSupport": "VFIO passthrough of whole GPUs",
     "DRAListTypeAttributes": "list-typed device attributes",
-    "ConsumableShares": "consumable GPU shares",
 }
 
 
@@ -139,6 +141,12 @@ class Config:
     mps_ready_timeout_s: float = 10.0
     """How long prepare waits for a new MPS control daemon to answer. (MPS_READY_TIMEOUT)"""
 
+    consumable_shares: str = "memory"
+    """How full GPUs are offered as shares: memory, unlimited, N (shares) or disabled. (CONSUMABLE_SHARES)"""
+
+    shutdown_grace_s: float = 5.0
+    """After SIGTERM, how long running kubelet calls may take to finish. (SHUTDOWN_GRACE)"""
+
     additional_xids_to_ignore: frozenset[int] = frozenset()
     """XIDs treated as application errors on top of NVIDIA's list. (ADDITIONAL_XIDS_TO_IGNORE)"""
 
@@ -147,6 +155,9 @@ class Config:
 
     recovery_poll_s: float = 10.0
     """How often GPUs with faults are checked for recovery. (RECOVERY_POLL_INTERVAL)"""
+
+    event_interval_s: float = 60.0
+    """Least time between two Events of one object and reason (the rate limit). (EVENT_MIN_INTERVAL)"""
 
     metrics_port: int = -1
     """TCP port of the Prometheus /metrics endpoint (all addresses); -1 off, 0 any. (METRICS_PORT)"""
@@ -238,6 +249,20 @@ _FLAGS: tuple[_Flag, ...] = (
         "--mps-ready-timeout", ("MPS_READY_TIMEOUT",), "Seconds to wait for an MPS daemon to answer.", "10"
     ),
     _Flag(
+        "--consumable-shares",
+        ("CONSUMABLE_SHARES",),
+        "How full GPUs are offered as shares (gate ConsumableShares): memory, unlimited, a number N "
+        "of shares, or disabled.",
+        "memory",
+    ),
+    _Flag(
+        "--shutdown-grace",
+        ("SHUTDOWN_GRACE",),
+        "Seconds running kubelet calls may take to finish after SIGTERM (keep it below the pod's "
+        "terminationGracePeriodSeconds); a call still running then is rolled back by the next start.",
+        "5",
+    ),
+    _Flag(
         "--additional-xids-to-ignore",
         ("ADDITIONAL_XIDS_TO_IGNORE",),
         "Comma-separated XIDs to treat as application errors (taint effect None).",
@@ -255,6 +280,12 @@ _FLAGS: tuple[_Flag, ...] = (
         ("RECOVERY_POLL_INTERVAL",),
         "Seconds between recovery checks of GPUs with health faults.",
         "10",
+    ),
+    _Flag(
+        "--event-min-interval",
+        ("EVENT_MIN_INTERVAL",),
+        "Seconds between two Events of one object and reason (repeats are counted, not sent).",
+        "60",
     ),
     _Flag("--metrics-port", ("METRICS_PORT",), "Prometheus /metrics port on all addresses (-1: off).", "-1"),
 )
@@ -350,6 +381,12 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
             f"got {v['mps_ready_timeout']!r}"
         ) from None
     try:
+        shutdown_grace = float(v["shutdown_grace"] or "5")
+    except ValueError:
+        raise ConfigError(
+            f"--shutdown-grace / SHUTDOWN_GRACE must be a number of seconds, got {v['shutdown_grace']!r}"
+        ) from None
+    try:
         recovery_poll = float(v["recovery_poll_interval"] or "10")
     except ValueError:
         raise ConfigError(
@@ -361,6 +398,13 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
     except ValueError:
         raise ConfigError(
             f"--metrics-port / METRICS_PORT must be an integer, got {v['metrics_port']!r}"
+        ) from None
+    try:
+        event_interval = float(v["event_min_interval"] or "60")
+    except ValueError:
+        raise ConfigError(
+            "--event-min-interval / EVENT_MIN_INTERVAL must be a number of seconds, "
+            f"got {v['event_min_interval']!r}"
         ) from None
     from driver.health import parse_xid_list
 
@@ -400,10 +444,13 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         mig_mode=v["mig_mode"] or "dynamic",
         allow_mig_mode_change=(v["allow_mig_mode_change"] or "false").lower() == "true",
         mps_ready_timeout_s=mps_timeout,
+        consumable_shares=(v["consumable_shares"] or "memory").strip().lower(),
+        shutdown_grace_s=shutdown_grace,
         additional_xids_to_ignore=parse_xid_list(v["additional_xids_to_ignore"] or ""),
         gpu_lost_taint_effect=v["gpu_lost_taint_effect"] or "NoSchedule",
         recovery_poll_s=recovery_poll,
         metrics_port=metrics_port,
+        event_interval_s=event_interval,
     )
 
 
@@ -418,6 +465,7 @@ def validate(cfg: Config) -> list[str]:
         *_backend_problems(cfg),
         *_api_problems(cfg),
         *_gate_problems(cfg.feature_gates),
+        *_share_problems(cfg),
     ]
 
 
@@ -445,6 +493,10 @@ def _identity_problems(cfg: Config) -> list[str]:
             f"--metrics-port / METRICS_PORT and --healthcheck-port / HEALTHCHECK_PORT are both "
             f"{cfg.metrics_port}; give them different ports"
         )
+    if cfg.event_interval_s < 0:
+        problems.append(
+            f"--event-min-interval / EVENT_MIN_INTERVAL {cfg.event_interval_s} must be >= 0 seconds"
+        )
     if not cfg.recovery_poll_s > 0:
         problems.append(
             f"--recovery-poll-interval / RECOVERY_POLL_INTERVAL {cfg.recovery_poll_s} must be > 0 seconds"
@@ -453,6 +505,10 @@ def _identity_problems(cfg: Config) -> list[str]:
         problems.append(
             f"--healthcheck-port / HEALTHCHECK_PORT {cfg.healthcheck_port} is out of range; "
             "use -1 (off), 0 (any free port) or 1-65535"
+        )
+    if not 0 <= cfg.shutdown_grace_s <= 600:
+        problems.append(
+            f"--shutdown-grace / SHUTDOWN_GRACE {cfg.shutdown_grace_s:g} is out of range; use 0-600 seconds"
         )
     return problems
 
@@ -521,6 +577,16 @@ def _gate_problems(gates: Mapping[str, bool]) -> list[str]:
         for name, what in UNIMPLEMENTED_FEATURE_GATES.items()
         if gates.get(name)
     ]
+
+
+def _share_problems(cfg: Config) -> list[str]:
+    from driver.shares import parse_share_mode
+
+    try:
+        parse_share_mode(cfg.consumable_shares)
+    except ValueError as exc:
+        return [f"--consumable-shares / CONSUMABLE_SHARES: {exc}"]
+    return []
 
 
 def load(argv_ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:

@@ -11,12 +11,15 @@ Start-up, in this order:
 3. NVML session (real or fake) and discovery -> :class:`~driver.inventory.Inventory`; when NVML
    is not ready or finds no GPU, retry with backoff and say so each time - never serve or publish
    an empty node and go quiet (waiting calls get a temporary error naming the step);
-4. checkpoint start-up (earlier boot dropped, corrupt file moved aside) and
+4. checkpoint start-up (earlier boot dropped, corrupt file moved aside; a missing or moved-aside
+   checkpoint's claims rebuilt from the node by ``driver.ownership``) and
    :meth:`~driver.state.DeviceState.reconcile` (unfinished prepares rolled back, orphan CDI specs
-   removed); then the gate opens (``plugin ready``);
+   removed); then the gate opens (``plugin ready``). A state directory that cannot be written
+   (full, read-only) does not stop the plugin: it serves, refuses each claim with the reason,
+   and a recovery thread finishes this step once the cause is gone;
 5. ResourceSlice publisher (unless ``--no-publish``), gRPC health port (when configured);
 6. wait for SIGTERM/SIGINT; then stop accepting calls, let running ones finish for at most
-   :data:`SHUTDOWN_GRACE_S`, remove only our sockets, and exit without the interpreter's teardown
+   ``--shutdown-grace`` (5 s), remove only our sockets, and exit without the interpreter's teardown
    (a call still running past the grace is abandoned, exactly as kill -9 would: the checkpoint
    says ``PrepareStarted`` and the next start rolls it back).
 
@@ -50,18 +53,21 @@ from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.kubeletplugin.healthstream import HEALTH_SERVICES, health_handlers
 from driver.kubeletplugin.sockets import private_dir
-from driver.ownership import LEDGER_DIR, Ledger
 
 if TYPE_CHECKING:
     from driver.checkpoint import CheckpointStore, PreparedClaim
     from driver.discovery import MigHook
+    from driver.events import EventRecorder
     from driver.health import HealthMonitor, Snapshot
     from driver.kube import Kube
+    from driver.metrics import Metrics
     from driver.nvml.backend import Nvml
     from driver.nvml.mig import NvmlMigBackend
+    from driver.ownership import Ledger
     from driver.resourceslices import SlicePublisher
-    from driver.state import DeviceState, SharingAction
-    from driver.taints import DeviceTaints, TaintSync
+    from driver.state import DeviceState, ShareAction, SharingAction
+    from driver.taints import DeviceTaints, TaintChange, TaintSync
+    from sharing.mps import MpsManager
 
 log = structlog.get_logger(__name__)
 
@@ -69,8 +75,6 @@ BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 #: How long a kubelet call that arrives during start-up waits for discovery, reconcile and the
 #: API client before it gets a temporary error (the kubelet retries; its own call timeout is 45 s).
 STARTUP_WAIT_S = 30.0
-#: How long running kubelet calls may take to finish after SIGTERM.
-SHUTDOWN_GRACE_S = 5.0
 #: The main thread looks this often whether the plugin has gone quiet after some work ...
 QUIET_CHECK_S = 5.0
 #: ... and, once no kubelet call came for this long, hands the memory that work freed back.
@@ -136,8 +140,14 @@ class Daemon:
     _checkpoint_store: CheckpointStore | None = None
     _publisher: SlicePublisher | None = None
     _static_fallback: bool = False
+    _shares_fallback: bool = False
     _lost: bool = False
     _taint_sync: TaintSync | None = None
+    _service: DraService | None = None
+    _monitor: HealthMonitor | None = None
+    _quarantined: str | None = None
+    _metrics: Metrics | None = None
+    _events: EventRecorder | None = None
     gate: StartupGate = field(default_factory=lambda: StartupGate(STARTUP_WAIT_S))
     activity: Activity = field(default_factory=Activity)
     _health: LateHealthMonitor = field(default_factory=lambda: LateHealthMonitor(STARTUP_WAIT_S))
@@ -186,10 +196,11 @@ class Daemon:
             cfg.driver_name,
             cfg.pod_uid,
         )
+        self._service = DraService(_GatedPreparer(self.gate, self.activity), source)
         self.plugin = KubeletPlugin(
             cfg.driver_name,
             paths,
-            DraService(_GatedPreparer(self.gate, self.activity), source),
+            self._service,
             extra_handlers=health_handlers(self._health),
             extra_services=HEALTH_SERVICES,
         )
@@ -198,20 +209,23 @@ class Daemon:
 
         self.gate.phase = "opening NVML"
         nvml = self._open_nvml()
-        if nvml is None:
+        if nvml is None or self.stop.is_set():
             return
         self.gate.phase = "loading the checkpoint"
         checkpoint, problem = self._checkpoint()
         self._mig_backend = self._mig(nvml)
         sharing = self._sharing()
+        from driver.ownership import LEDGER_DIR, Ledger
+
         ledger = Ledger(cfg.state_dir / LEDGER_DIR)
         if problem is None and self._lost:
             self.gate.phase = "rebuilding what the plugin owns after a lost checkpoint"
             problem = self._rebuild(nvml, checkpoint, ledger, sharing)
         self.gate.phase = "discovering GPUs"
         inventory = self._discover(nvml, self._mig_hook(checkpoint, self.cfg.mig_mode))
-        if inventory is None:
+        if inventory is None or self.stop.is_set():
             return
+        inventory = self._offer_shares(inventory)
         self._checkpoint_store = checkpoint
         self.gate.phase = "rolling back unfinished prepares"
         self.state = self._device_state(inventory, checkpoint, sharing, ledger)
@@ -227,6 +241,14 @@ class Daemon:
         self._start_health(nvml, self.state)
         self.gate.open(self.state)
         log.info("plugin ready", startup_ms=_ms_since(self.started_at))
+        # Metrics, Events and the MPS watch load on a thread of their own: prometheus_client and
+        # the API client stay off the way to serving the kubelet.
+        threading.Thread(
+            target=self._start_observability,
+            args=(kube_future, self.state),
+            name="observability",
+            daemon=True,
+        ).start()
         if cfg.healthcheck_port >= 0:
             from driver.kubeletplugin.health import HealthServer
 
@@ -234,7 +256,16 @@ class Daemon:
             health.start()
             self._closers.append(health.stop)
         if cfg.publish:
-            self._start_publisher(_need(kube_future).result(), inventory)
+            kube = self._wait_for(_need(kube_future))
+            if kube is not None:
+                self._start_publisher(kube, inventory)
+
+    def _wait_for(self, future: Future[Kube]) -> Kube | None:
+        """The API client once loaded; None if a stop signal comes first (no wait past SIGTERM)."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                return future.result(0.05)
+        return None
 
     def _start_health(self, nvml: Nvml, state: DeviceState) -> None:
         """The device health monitor behind the health streams (driver.health, kubeletplugin.healthstream)."""
@@ -257,6 +288,7 @@ class Daemon:
             clears=ClearRequests(cfg.state_dir),
         )
         monitor.start()
+        self._monitor = monitor
         self._health.attach(monitor)
         self._start_taints(monitor)
 
@@ -378,6 +410,8 @@ class Daemon:
         for warning in report.warnings:
             log.warning("checkpoint start-up", warning=warning)
         self._lost = report.lost
+        if report.moved_aside is not None:
+            self._quarantined = report.warnings[0]
         return checkpoint, report.problem
 
     def _rebuild(
@@ -433,6 +467,8 @@ class Daemon:
             if self.stop.wait(delay):
                 return
             report = checkpoint.startup()
+            if report.moved_aside is not None and self._events is not None:
+                self._events.checkpoint_quarantined(report.warnings[0])
             problem = report.problem
             self._lost = self._lost or report.lost
             if problem is None and self._lost:
@@ -453,6 +489,7 @@ class Daemon:
             except (NvmlError, DiscoveryError) as exc:
                 log.warning("discovery after recovery failed; retrying", error=str(exc))
                 continue
+            inventory = self._offer_shares(inventory)
             state.inventory = inventory
             if self._publisher is not None:
                 self._publisher.update(inventory)
@@ -463,37 +500,56 @@ class Daemon:
 
     def _sharing(self) -> SharingAction:
         from driver.gpusharing import GpuSharing, find_tool
-        from sharing.mps import MpsManager
         from sharing.timeslicing import TimeSlicer
 
         cfg = self.cfg
         root = cfg.container_driver_root
-        env: dict[str, str] = {}
-        launcher: tuple[str, ...] = ()
-        daemon_binary = None
+        return GpuSharing(
+            cfg.driver_name,
+            TimeSlicer(find_tool(root, "nvidia-smi"), self._tool_env()),
+            self._mps_manager(),
+            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
+            mps_enabled=cfg.gate("MPSSupport"),
+        )
+
+    def _shares(self) -> ShareAction:
+        from driver.gpushares import GpuShares
+        from driver.state import NoShares
+        from sharing.sharedmps import SharedMps
+
+        if not (self.cfg.gate("ConsumableShares") and self.cfg.gate("MPSSupport")):
+            return NoShares()
+        return GpuShares(SharedMps(self._mps_manager()))
+
+    def _tool_env(self) -> dict[str, str]:
+        cfg = self.cfg
         if cfg.nvml_backend == "fake":
             # The stand-in tools change the simulated GPU, whose state file the fake NVML shares.
-            env["GPU_DRA_FAKE_NVML_STATE"] = str(cfg.fake_state or (cfg.state_dir / "fake-nvml.json"))
-        else:
+            return {"GPU_DRA_FAKE_NVML_STATE": str(cfg.fake_state or (cfg.state_dir / "fake-nvml.json"))}
+        return {}
+
+    def _mps_manager(self) -> MpsManager:
+        from driver.gpusharing import find_tool
+        from sharing.mps import MpsManager
+
+        cfg = self.cfg
+        root = cfg.container_driver_root
+        launcher: tuple[str, ...] = ()
+        daemon_binary = None
+        if cfg.nvml_backend != "fake":
             # A daemon started inside the plugin's container dies with it; started in the host's
             # mount and PID namespaces in its own transient scope, it outlives plugin restarts
             # and upgrades (the chart runs the plugin with hostPID and privileged).
             launcher = MPS_HOST_LAUNCHER
             daemon_binary = find_tool(cfg.driver_root, "nvidia-cuda-mps-control")
-        return GpuSharing(
-            cfg.driver_name,
-            TimeSlicer(find_tool(root, "nvidia-smi"), env),
-            MpsManager(
-                cfg.mps_root,
-                find_tool(root, "nvidia-cuda-mps-control"),
-                env,
-                cfg.mps_ready_timeout_s,
-                nvidia_smi=find_tool(root, "nvidia-smi"),
-                launcher=launcher,
-                daemon_binary=daemon_binary,
-            ),
-            time_slicing_enabled=cfg.gate("TimeSlicingSettings"),
-            mps_enabled=cfg.gate("MPSSupport"),
+        return MpsManager(
+            cfg.mps_root,
+            find_tool(root, "nvidia-cuda-mps-control"),
+            self._tool_env(),
+            cfg.mps_ready_timeout_s,
+            nvidia_smi=find_tool(root, "nvidia-smi"),
+            launcher=launcher,
+            daemon_binary=daemon_binary,
         )
 
     def _device_state(
@@ -525,6 +581,7 @@ class Daemon:
             locks=DeviceLocks(cfg.state_dir / "locks" if cfg.pod_uid else None),
             actions=default_actions(mig),
             sharing=sharing,
+            shares=self._shares(),
             single_instance=cfg.pod_uid is None,
             ledger=ledger,
         )
@@ -555,11 +612,86 @@ class Daemon:
         publisher.start(inventory)
         self._closers.append(publisher.stop)
 
+    def _start_observability(self, kube_future: Future[Kube] | None, state: DeviceState) -> None:
+        """Events (with an API server), the MPS watch and /metrics (with --metrics-port), wired in."""
+        from driver.mpswatch import MpsWatch
+
+        cfg = self.cfg
+        try:
+            events = None
+            if kube_future is not None:
+                from driver.events import EventRecorder, RateLimit
+
+                events = EventRecorder(
+                    kube_future.result(), cfg.node_name, RateLimit(min_interval_s=cfg.event_interval_s)
+                )
+                events.start()
+                self._closers.append(events.stop)
+                if self._quarantined is not None:
+                    events.checkpoint_quarantined(self._quarantined)
+            self._events = events
+            mps = MpsWatch(
+                state.prepared_claims,
+                events.mps_daemon_died if events is not None else lambda *_: None,
+            )
+            mps.check()
+            mps.start()
+            self._closers.append(mps.stop)
+            metrics = None
+            if cfg.metrics_port >= 0:
+                from driver.metrics import Metrics
+
+                metrics = Metrics(
+                    cfg.driver_name,
+                    cfg.node_name,
+                    published=lambda: [d.kind for d in state.inventory.devices],
+                    prepared=lambda: [[d.kind for d in c.devices] for c in state.prepared_claims()],
+                    mps_daemons=lambda: mps.running,
+                    publishing=self._publish_stats,
+                )
+                metrics.install()
+                metrics.serve(cfg.metrics_port)
+                self._closers.append(metrics.stop)
+                if self._monitor is not None:
+                    self._monitor.on_faults = metrics.faults_seen
+            self._metrics = metrics
+            observers = [o for o in (metrics, events) if o is not None]
+            if self._service is not None and observers:
+                self._service.observer = _Observers(observers)
+            sync = self._taint_sync
+            if sync is not None:
+                sync.on_change = self._taints_changed
+                if metrics is not None:
+                    metrics.taints_now(sync.current)
+        except Exception:  # observability must never take the plugin down
+            log.exception("starting metrics / events failed; the plugin serves on without them")
+
+    def _taints_changed(self, changes: Sequence[TaintChange]) -> None:
+        if self._metrics is not None and self._taint_sync is not None:
+            self._metrics.taints_now(self._taint_sync.current)
+        if self._events is not None:
+            self._events.taints_changed(changes)
+
+    def _publish_stats(self) -> tuple[int, dict[str, int]]:
+        publisher = self._publisher
+        return (0, {}) if publisher is None else (publisher.sync_attempts, dict(publisher.sync_errors))
+
+    def _offer_shares(self, inventory: Inventory) -> Inventory:
+        """Full GPUs as consumable shares (gate ConsumableShares), unless the server dropped them."""
+        from driver.shares import offer_shares, parse_share_mode
+
+        if not self.cfg.gate("ConsumableShares") or self._shares_fallback:
+            return inventory
+        return offer_shares(inventory, parse_share_mode(self.cfg.consumable_shares))
+
     def _fields_dropped(self, fields: Sequence[str]) -> None:
-        """The API server did not keep partitionable-device fields: fall back to static MIG, once.
+        """The API server did not keep fields we publish: fall back, once per kind of field.
 
         A 1.34/1.35 server without DRAPartitionableDevices drops counters silently; publishing
-        placements there would let the scheduler hand out overlapping MIG slices.
+        placements there would let the scheduler hand out overlapping MIG slices. A server
+        without DRAConsumableCapacity drops ``allowMultipleAllocations`` and request policies;
+        GPUs are then published whole (the scheduler would otherwise see a plain device whose
+        claims still carry no share).
         """
         if any(f.endswith(".taints") for f in fields):
             log.warning(
@@ -569,19 +701,32 @@ class Daemon:
                 fix="enable the DRADeviceTaints feature gate on the API server and scheduler "
                 "(on by default from Kubernetes 1.36)",
             )
-        if self._static_fallback or not any("ounter" in f for f in fields):
+        counters = not self._static_fallback and any("ounter" in f for f in fields)
+        shares = not self._shares_fallback and any(
+            "allowMultipleAllocations" in f or "requestPolicy" in f for f in fields
+        )
+        if not (counters or shares):
             log.debug("API server dropped ResourceSlice fields", fields=list(fields))
             return
-        self._static_fallback = True
-        log.warning(
-            "API server does not keep partitionable-device fields; publishing existing MIG devices "
-            "(static MIG) instead of dynamic placements",
-            fields=list(fields),
-            fix="enable the DRAPartitionableDevices feature gate on the API server and scheduler",
-        )
-        threading.Thread(target=self._republish_static, name="static-mig-fallback", daemon=True).start()
+        if counters:
+            self._static_fallback = True
+            log.warning(
+                "API server does not keep partitionable-device fields; publishing existing MIG devices "
+                "(static MIG) instead of dynamic placements",
+                fields=list(fields),
+                fix="enable the DRAPartitionableDevices feature gate on the API server and scheduler",
+            )
+        if shares:
+            self._shares_fallback = True
+            log.warning(
+                "API server does not keep consumable-capacity fields; publishing GPUs whole, not as shares",
+                fields=list(fields),
+                fix="enable the DRAConsumableCapacity feature gate on the API server and scheduler "
+                "(beta and on from 1.36), or set --consumable-shares=disabled to silence this",
+            )
+        threading.Thread(target=self._republish_fallback, name="publish-fallback", daemon=True).start()
 
-    def _republish_static(self) -> None:
+    def _republish_fallback(self) -> None:
         if self._nvml is None or self._checkpoint_store is None or self.state is None:
             return
         from driver.discovery import DiscoveryError, discover
@@ -591,8 +736,11 @@ class Daemon:
                 self._nvml,
                 self.cfg.node_name,
                 sysfs_root=self._sysfs_root,
-                mig_hook=self._mig_hook(self._checkpoint_store, "static"),
+                mig_hook=self._mig_hook(
+                    self._checkpoint_store, "static" if self._static_fallback else self.cfg.mig_mode
+                ),
             )
+            inventory = self._offer_shares(inventory)
         except (NvmlError, DiscoveryError) as exc:
             # Nothing was published with counters (the publisher probes first), so the node simply
             # offers nothing until the server keeps partitionable devices or MIG devices exist.
@@ -614,7 +762,7 @@ class Daemon:
         self.gate.close()
         monitor_done = self._health.close()
         if self.plugin is not None:
-            self.plugin.stop(SHUTDOWN_GRACE_S)
+            self.plugin.stop(self.cfg.shutdown_grace_s)
         closers = list(reversed(self._closers))
         # NVML goes last, and only once the health monitor no longer sits in an NVML event
         # wait: shutting NVML down under it is undefined, and the process ends in a moment anyway.
@@ -710,6 +858,24 @@ class _GatedPreparer:
             self._gate.state().unprepare(ref)
         finally:
             self._activity.touch()
+
+
+class _Observers:
+    """Fans a claim's start and outcome out to metrics and Events (``RequestObserver``)."""
+
+    def __init__(self, observers: Sequence[Any]) -> None:
+        self._observers = tuple(observers)
+
+    def started(self, op: str) -> None:
+        for o in self._observers:
+            o.started(op)
+
+    def finished(self, op: str, ref: ClaimRef, seconds: float, error: Exception | None, message: str) -> None:
+        for o in self._observers:
+            try:
+                o.finished(op, ref, seconds, error, message)
+            except Exception:  # an observer must not change a claim's outcome
+                log.exception("request observer failed", observer=type(o).__name__)
 
 
 class LateHealthMonitor:

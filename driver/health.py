@@ -319,6 +319,9 @@ class HealthMonitor:
         self._clears = clears
         self._clock = clock
         self._next_recovery = 0.0
+        #: Told about each fault newly seen at a scope (metrics: health events by XID).
+        self.on_faults: Callable[[list[Fault]], None] | None = None
+        self._seen: dict[Scope, frozenset[Fault]] = {}
         self._cond = threading.Condition()
         self._snapshot = Snapshot(pool, device_health(devices(), {}), 0)
         self._stopped = False
@@ -436,6 +439,14 @@ class HealthMonitor:
                 self._recovery.forget([scope])
 
     def _update(self, conditions: Mapping[Scope, Condition]) -> None:
+        seen = {scope: cond.faults for scope, cond in conditions.items()}
+        new = [f for scope, faults in seen.items() for f in faults - self._seen.get(scope, frozenset())]
+        self._seen = seen
+        if new and self.on_faults is not None:
+            try:
+                self.on_faults(new)
+            except Exception:  # an observer must not stop health reporting
+                log.exception("health fault observer failed")
         devices = device_health(self._devices(), conditions)
         with self._cond:
             old = self._snapshot

@@ -51,10 +51,25 @@ class CounterConsumption:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestPolicy:
+    """How a claim consumes one capacity of a shareable device (KEP-5075 ``requestPolicy``).
+
+    Plain integers in the capacity's unit; ``validRange`` with ``min``, optional ``max`` and ``step``.
+    """
+
+    default: int
+    min: int
+    max: int | None = None
+    step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AllocatableDevice:
     """One device as published in a ResourceSlice.
 
-    ``capacity`` values are plain integers (bytes for memory, counts otherwise).
+    ``capacity`` values are plain integers (bytes for memory, counts otherwise). A device with
+    ``allow_multiple_allocations`` is offered as shares (consumable capacity); ``request_policies``
+    then say how each capacity is consumed.
     """
 
     name: str
@@ -66,6 +81,8 @@ class AllocatableDevice:
     consumes_counters: tuple[CounterConsumption, ...] = ()
     mig_spec: MigSpec | None = None  # mig-dynamic (and mig-static: its profile/placement)
     mig_live: MigLive | None = None  # mig-static: the instance that already exists
+    allow_multiple_allocations: bool = False
+    request_policies: Mapping[str, RequestPolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

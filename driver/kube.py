@@ -638,6 +638,12 @@ class Kube:
         """The Node object (``metadata.uid`` is what slice owner references need)."""
         return self._request("GET", f"/api/v1/nodes/{segment(name)}")
 
+    def create_event(self, namespace: str, event: JsonDict) -> JsonDict:
+        """Create an events.k8s.io/v1 Event (``driver.events`` rate-limits what it sends)."""
+        return self._request(
+            "POST", f"/apis/events.k8s.io/v1/namespaces/{segment(namespace)}/events", body=event
+        )
+
     # -- resource slices ------------------------------------------------------------------------
 
     @staticmethod

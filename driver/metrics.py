@@ -103,6 +103,7 @@ class Metrics:
         published: Callable[[], Iterable[str]] = tuple,
         prepared: Callable[[], Iterable[Iterable[str]]] = tuple,
         mps_daemons: Callable[[], int] = lambda: 0,
+        publishing: Callable[[], tuple[int, Mapping[str, int]]] = lambda: (0, {}),
     ) -> None:
         import prometheus_client as prom
 
@@ -144,17 +145,6 @@ class Metrics:
             )
             for op in OPERATIONS
         }
-        self.publish_attempts = prom.Counter(
-            "gpu_dra_slice_publish_attempts",
-            "ResourceSlice sync attempts that had writes to make.",
-            registry=r,
-        )
-        self.publish_errors = prom.Counter(
-            "gpu_dra_slice_publish_errors",
-            "ResourceSlice sync attempts that failed.",
-            ("reason",),
-            registry=r,
-        )
         self.health_events = prom.Counter(
             "gpu_dra_health_events",
             "GPU faults seen: xid is the XID number, or gpu-lost / unmonitored.",
@@ -170,7 +160,16 @@ class Metrics:
             self.inflight.labels(driver, op)
         self.prepare_errors.labels(driver, "prepare_devices")
         self.unprepare_errors.labels(driver, "unprepare_devices")
-        r.register(_StateCollector(driver, node, published, prepared, mps_daemons))
+        r.register(
+            _StateCollector(
+                driver,
+                node,
+                published=published,
+                prepared=prepared,
+                mps_daemons=mps_daemons,
+                publishing=publishing,
+            )
+        )
         self._server: Any = None
         self._thread: Any = None
 
@@ -192,9 +191,12 @@ class Metrics:
             hist.labels(name).observe(seconds)
 
     def started(self, op: str) -> None:
+        """A claim's prepare/unprepare began (the ``RequestObserver`` side)."""
         self.inflight.labels(self.driver, op).inc()
 
-    def finished(self, op: str, seconds: float, error: BaseException | None) -> None:
+    def finished(
+        self, op: str, ref: object, seconds: float, error: BaseException | None, message: str = ""
+    ) -> None:
         self.inflight.labels(self.driver, op).dec()
         if error is None:
             self.requests.labels(self.driver, op).inc()
@@ -202,11 +204,6 @@ class Metrics:
             return
         errors = self.prepare_errors if op == "prepare" else self.unprepare_errors
         errors.labels(self.driver, error_type(op, error)).inc()
-
-    def slice_sync(self, error: Exception | None) -> None:
-        self.publish_attempts.inc()
-        if error is not None:
-            self.publish_errors.labels(type(error).__name__).inc()
 
     def faults_seen(self, faults: Iterable[Fault]) -> None:
         for fault in faults:
@@ -255,10 +252,13 @@ class _StateCollector:
         self,
         driver: str,
         node: str,
+        *,
         published: Callable[[], Iterable[str]],
         prepared: Callable[[], Iterable[Iterable[str]]],
         mps_daemons: Callable[[], int],
+        publishing: Callable[[], tuple[int, Mapping[str, int]]],
     ) -> None:
+        self._publishing = publishing
         self._driver = driver
         self._node = node
         self._published = published
@@ -269,7 +269,7 @@ class _StateCollector:
         return []
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         kinds: dict[str, int] = {}
         for kind in self._published():
@@ -299,3 +299,13 @@ class _StateCollector:
         yield GaugeMetricFamily(
             "gpu_dra_mps_daemons", "MPS control daemons running for claims.", value=self._mps()
         )
+        attempts, errors = self._publishing()
+        yield CounterMetricFamily(
+            "gpu_dra_slice_publish_attempts", "ResourceSlice sync attempts since start.", value=attempts
+        )
+        failed = CounterMetricFamily(
+            "gpu_dra_slice_publish_errors", "Failed ResourceSlice sync attempts, by error.", labels=["reason"]
+        )
+        for reason in sorted(errors):
+            failed.add_metric((reason,), errors[reason])
+        yield failed

@@ -154,6 +154,19 @@ def _counters(values: Mapping[str, int]) -> JsonDict:
     return {name: _quantity(name, values[name]) for name in sorted(values, key=natural_key)}
 
 
+def _capacity(device: AllocatableDevice, name: str) -> JsonDict:
+    out = _quantity(name, device.capacity[name])
+    policy = device.request_policies.get(name)
+    if policy is not None:
+        valid: JsonDict = {"min": _quantity(name, policy.min)["value"]}
+        if policy.max is not None:
+            valid["max"] = _quantity(name, policy.max)["value"]
+        if policy.step is not None:
+            valid["step"] = _quantity(name, policy.step)["value"]
+        out["requestPolicy"] = {"default": _quantity(name, policy.default)["value"], "validRange": valid}
+    return out
+
+
 def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> JsonDict:
     """One ``spec.devices[]`` entry; empty maps are left out as the server would leave them out.
 
@@ -162,8 +175,10 @@ def encode_device(device: AllocatableDevice, taints: Sequence[Any] = ()) -> Json
     out: JsonDict = {"name": device.name}
     if device.attributes:
         out["attributes"] = {k: encode_attribute(device.attributes[k]) for k in sorted(device.attributes)}
+    if device.allow_multiple_allocations:
+        out["allowMultipleAllocations"] = True
     if device.capacity:
-        out["capacity"] = {k: _quantity(k, device.capacity[k]) for k in sorted(device.capacity)}
+        out["capacity"] = {k: _capacity(device, k) for k in sorted(device.capacity)}
     if device.consumes_counters:
         out["consumesCounters"] = [
             {"counterSet": c.counter_set, "counters": _counters(c.counters)} for c in device.consumes_counters
@@ -494,6 +509,37 @@ def _check_device_values(
             raise _fail(
                 at, f"capacity {key!r} has a requestPolicy, allowed only with allowMultipleAllocations"
             )
+        if isinstance(holder, Mapping) and holder.get("requestPolicy"):
+            _check_request_policy(at, key, holder)
+
+
+def _check_request_policy(at: str, key: str, holder: Mapping[str, Any]) -> None:
+    """The API server's validRange rules (resource/validation ``validateRequestPolicyRange``)."""
+    what = f"capacity {key!r} requestPolicy"
+    policy = holder["requestPolicy"]
+    valid = policy.get("validRange") if isinstance(policy, Mapping) else None
+    if not isinstance(valid, Mapping) or "default" not in policy or "min" not in valid:
+        raise _fail(at, f"{what} needs default and validRange.min (the only policy form this driver writes)")
+    try:
+        value = parse_quantity(holder["value"])
+        default = parse_quantity(policy["default"])
+        low = parse_quantity(valid["min"])
+        high = parse_quantity(valid["max"]) if "max" in valid else None
+        step = parse_quantity(valid["step"]) if "step" in valid else None
+    except (ValueError, TypeError) as exc:
+        raise _fail(at, f"{what}: {exc}") from exc
+    if not 0 <= low <= value:
+        raise _fail(at, f"{what}: min {low} must be between 0 and the capacity {value}")
+    if default < low or (high is not None and not low <= default <= high <= value):
+        raise _fail(
+            at, f"{what}: need min <= default <= max <= capacity, have {low}, {default}, {high}, {value}"
+        )
+    if step is not None:
+        if step <= 0 or low + step > value:
+            raise _fail(at, f"{what}: step {step} must be > 0 and min + step <= capacity {value}")
+        for name, amount in (("default", default), ("max", high)):
+            if amount is not None and (amount - low) % step:
+                raise _fail(at, f"{what}: {name} {amount} is not min {low} plus a multiple of step {step}")
 
 
 def _check_device_consumption(at: str, consumes: Sequence[Any]) -> None:
@@ -781,6 +827,13 @@ def _prune(value: Any) -> Any:
     return value
 
 
+def _canonical_quantity(text: Any) -> Any:
+    try:
+        return str(parse_quantity(text))
+    except (ValueError, TypeError):
+        return text
+
+
 def _canonical_quantities(holders: Any) -> Any:
     if not isinstance(holders, Mapping):
         return holders
@@ -788,8 +841,16 @@ def _canonical_quantities(holders: Any) -> Any:
     for key, holder in holders.items():
         out[key] = holder
         if isinstance(holder, Mapping) and "value" in holder:
-            with contextlib.suppress(ValueError, TypeError):
-                out[key] = {**holder, "value": str(parse_quantity(holder["value"]))}
+            out[key] = {**holder, "value": _canonical_quantity(holder["value"])}
+            policy = holder.get("requestPolicy")
+            if isinstance(policy, Mapping):
+                canonical = {k: _canonical_quantity(v) for k, v in policy.items() if k != "validRange"}
+                valid = policy.get("validRange")
+                if isinstance(valid, Mapping):
+                    canonical["validRange"] = {k: _canonical_quantity(v) for k, v in valid.items()}
+                if isinstance(policy.get("validValues"), list):
+                    canonical["validValues"] = [_canonical_quantity(v) for v in policy["validValues"]]
+                out[key]["requestPolicy"] = canonical
     return out
 
 
@@ -1025,6 +1086,9 @@ class SlicePublisher:
         self._taintable = taintable
         self._taints: Mapping[str, Sequence[Any]] = {}
         self._on_sync = on_sync
+        #: Sync attempts and failed ones by error type, since start (read by the metrics).
+        self.sync_attempts = 0
+        self.sync_errors: dict[str, int] = {}
         self._node = node_name
         self._driver = driver_name
         self._resync_delay = resync_delay_s
@@ -1202,6 +1266,10 @@ class SlicePublisher:
                     self._not_before = time.monotonic() + delay
                 self._request_sync(delay)
             with self._cond:
+                self.sync_attempts += 1
+                if error is not None:
+                    kind = type(error).__name__
+                    self.sync_errors[kind] = self.sync_errors.get(kind, 0) + 1
                 self._running = False
                 if ok:
                     self._failures = 0
@@ -1247,7 +1315,8 @@ class SlicePublisher:
             taintable=self._taintable,
         )
         validate_pool(desired, minor)
-        if inventory.counter_sets and self._drops_partitionable_fields(desired):
+        probe = inventory.counter_sets or any(d.allow_multiple_allocations for d in inventory.devices)
+        if probe and self._drops_partitionable_fields(desired):
             return  # the owner was told (on_dropped_fields) and publishes another inventory
         stored, _ = self._kube.list_slices_at(self._driver, self._node)
         plan = plan_sync(stored, desired, self._node, same=self._same)
@@ -1291,11 +1360,12 @@ class SlicePublisher:
             )
 
     def _drops_partitionable_fields(self, desired: Sequence[JsonDict]) -> bool:
-        """Ask the server (dry run, once) whether it keeps counter sets and counter consumption.
+        """Ask the server (dry run, once) whether it keeps counters and consumable-capacity fields.
 
-        A server without DRAPartitionableDevices drops them silently. Finding that out from a real
-        write would publish MIG placements without the counters that keep them apart, and the
-        scheduler could hand out overlapping slices before the owner switches to static MIG.
+        A server without DRAPartitionableDevices (DRAConsumableCapacity) drops them silently.
+        Finding that out from a real write would publish MIG placements without the counters that
+        keep them apart, and the scheduler could hand out overlapping slices before the owner
+        switches to static MIG (or shares that the scheduler would hand out whole).
         """
         if self._partitionable_probed:
             return False
@@ -1304,7 +1374,8 @@ class SlicePublisher:
         for wanted in desired:
             spec = wanted.get("spec") or {}
             uses_counters = spec.get("sharedCounters") or any(
-                d.get("consumesCounters") for d in spec.get("devices") or []
+                d.get("consumesCounters") or d.get("allowMultipleAllocations")
+                for d in spec.get("devices") or []
             )
             if not uses_counters:
                 continue
@@ -1315,8 +1386,8 @@ class SlicePublisher:
             return False
         self._reported_dropped.update(new)
         log.error(
-            "api server drops partitionable-device fields (is DRAPartitionableDevices off?); "
-            "nothing with counters is published",
+            "api server drops partitionable-device or consumable-capacity fields (is "
+            "DRAPartitionableDevices or DRAConsumableCapacity off?); nothing with them is published",
             fields=list(new),
         )
         if self._on_dropped is None:

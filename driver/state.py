@@ -61,6 +61,7 @@ from driver.kubeletplugin.claims import Claim, ClaimRef
 from driver.kubeletplugin.draservice import PreparedDevice as ReplyDevice
 from driver.metrics import stage
 from driver.ownership import Ledger
+from driver.shares import ShareLimits
 from mig.spec import MigLive, MigSpec, parse_name
 from sharing.config import ConfigGroup
 
@@ -87,6 +88,11 @@ class Planned:
         share = self.result.get("shareID")
         return str(share) if share else None
 
+    @property
+    def consumed(self) -> Mapping[str, Any]:
+        """``consumedCapacity`` of a share (empty for a device given whole)."""
+        return self.result.get("consumedCapacity") or {}
+
 
 class DeviceState:
     """Prepares and unprepares claims; thread-safe; every public call is idempotent."""
@@ -103,6 +109,7 @@ class DeviceState:
         locks: DeviceLocks,
         actions: Mapping[str, DeviceAction] | None = None,
         sharing: SharingAction | None = None,
+        shares: ShareAction | None = None,
         single_instance: bool = False,
         ledger: Ledger | None = None,
     ) -> None:
@@ -116,6 +123,7 @@ class DeviceState:
         locks: per-GPU locks.
         actions: device action per device kind (default: :func:`default_actions`).
         sharing: sharing seam (default: :class:`NoSharing`).
+        shares: the seam that runs fractional shares of a GPU (default: :class:`NoShares`).
         single_instance: no second plugin instance can run on this node at the same time (no
             rolling-update sockets); enables the cheaper path of :meth:`_needs_write_ahead`.
         ledger: ownership records of changes that outlive the plugin (MIG instances, time
@@ -130,6 +138,7 @@ class DeviceState:
         self.locks = locks
         self.actions: Mapping[str, DeviceAction] = actions or default_actions()
         self.sharing: SharingAction = sharing or NoSharing(driver_name)
+        self.shares: ShareAction = shares or NoShares()
         self.single_instance = single_instance
         self._cp_guard = threading.Lock()
         self._cache: dict[str, PreparedClaim] | None = None
@@ -151,6 +160,9 @@ class DeviceState:
         self._refuse_while_unavailable()
         planned = self._plan(claim)
         self._check(claim, planned)
+        fractional = fractional_shares(planned)
+        if fractional:
+            self._refuse_sharing_configs_on_shares(claim, planned, fractional)
         with self.locks.hold(lock_keys(ref.uid, planned)):
             claims = self._all()
             recorded = claims.get(ref.uid)
@@ -168,14 +180,14 @@ class DeviceState:
                 namespace=ref.namespace,
                 name=ref.name,
                 state=PREPARE_STARTED,
-                devices=[self._planned_record(ref.uid, p) for p in planned],
+                devices=[self._planned_record(ref.uid, p, i in fractional) for i, p in enumerate(planned)],
                 sharing=[],
                 started_at=time.time(),
             )
-            if self._needs_write_ahead(claim, planned, recorded):
+            if fractional or self._needs_write_ahead(claim, planned, recorded):
                 self._put(started)
             try:
-                completed = self._act(claim, started, planned)
+                completed = self._act(claim, started, planned, fractional)
             except Exception as exc:
                 self._rollback_after_failure(started)
                 raise as_claim_error(exc, ref) from exc
@@ -303,12 +315,12 @@ class DeviceState:
                         "(or use adminAccess for monitoring)"
                     )
 
-    def _planned_record(self, uid: str, p: Planned) -> PreparedDevice:
+    def _planned_record(self, uid: str, p: Planned, fractional: bool = False) -> PreparedDevice:
         return PreparedDevice(
             request_names=[p.request],
             pool=self.pool_name,
             device=p.device.name,
-            cdi_device_ids=[qualified_device_id(uid, p.device.name)],
+            cdi_device_ids=[qualified_device_id(uid, cdi_name(p, fractional))],
             kind=p.device.kind,
             gpu_uuid=p.device.gpu_uuid,
             share_id=p.share_id,
@@ -316,7 +328,13 @@ class DeviceState:
             mig=None,
         )
 
-    def _act(self, claim: Claim, started: PreparedClaim, planned: Sequence[Planned]) -> PreparedClaim:
+    def _act(
+        self,
+        claim: Claim,
+        started: PreparedClaim,
+        planned: Sequence[Planned],
+        fractional: Mapping[int, ShareLimits],
+    ) -> PreparedClaim:
         uid = started.uid
         devices: list[PreparedDevice] = []
         for record, p in zip(started.devices, planned, strict=True):
@@ -341,17 +359,41 @@ class DeviceState:
                 self.ledger.note_sharing(uid, record)
             self._put(replace(started, devices=devices, sharing=list(intended)))
 
-        outcome = self.sharing.apply(uid, claim, [p.device for p in planned], created, intend)
-        if outcome.records:
-            self._put(replace(started, devices=devices, sharing=list(outcome.records)))
-        self._write_cdi_spec(uid, devices, planned, outcome.edits)
+        whole = [p.device for i, p in enumerate(planned) if i not in fractional]
+        outcome = self.sharing.apply(uid, claim, whole, created, intend)
+        records = list(outcome.records)
+        if records:
+            self._put(replace(started, devices=devices, sharing=list(records)))
+        edits = dict(outcome.edits)
+        for index, limits in fractional.items():
+            p = planned[index]
+            share = self.shares.record(uid, p.device, str(p.share_id), limits)
+            records.append(share)  # durable before the share joins its GPU's daemon
+            self._put(replace(started, devices=devices, sharing=list(records)))
+            edits[cdi_name(p, True)] = self.shares.join(share)
+        names = [cdi_name(p, i in fractional) for i, p in enumerate(planned)]
+        self._write_cdi_spec(uid, devices, planned, edits, names)
         return replace(
             started,
             state=PREPARE_COMPLETED,
             devices=devices,
-            sharing=list(outcome.records),
+            sharing=records,
             completed_at=time.time(),
         )
+
+    def _refuse_sharing_configs_on_shares(
+        self, claim: Claim, planned: Sequence[Planned], fractional: Mapping[int, ShareLimits]
+    ) -> None:
+        names = {planned[i].device.name for i in fractional}
+        for group in config_groups(claim, [p.device for p in planned], self.driver_name):
+            on_share = [str(r.get("device")) for r in group.results if r.get("device") in names]
+            if group.sharing is not None and on_share:
+                raise PermanentClaimError(
+                    f"sharing strategy {group.sharing.strategy} is set for {', '.join(on_share)}, which "
+                    "this claim holds as a share (capacity requests); a share always runs through its "
+                    "GPU's MPS daemon with the limits it was allocated - remove the sharing config, or "
+                    "request the whole GPU"
+                )
 
     def _write_cdi_spec(
         self,
@@ -359,18 +401,20 @@ class DeviceState:
         devices: Sequence[PreparedDevice],
         planned: Sequence[Planned],
         sharing_edits: Mapping[str, ContainerEdits],
+        names: Sequence[str],
     ) -> None:
         if not devices:
             return  # nothing of ours in this claim: no spec, and no CDI ids handed out
-        cdi_devices = [
-            Device(
-                name=device_name(uid, d.device),
-                container_edits=self.edits.for_device(p.device, mig_live(d.mig)).merged(
-                    sharing_edits.get(d.device, ContainerEdits())
-                ),
+        cdi_devices = []
+        for d, p, name in zip(devices, planned, names, strict=True):
+            cdi_devices.append(
+                Device(
+                    name=device_name(uid, name),
+                    container_edits=self.edits.for_device(p.device, mig_live(d.mig)).merged(
+                        sharing_edits.get(name, ContainerEdits())
+                    ),
+                )
             )
-            for d, p in zip(devices, planned, strict=True)
-        ]
         with stage("cdi_write"):
             self.cdi.write_claim_spec(uid, new_spec(KIND, cdi_devices, self.edits.common()))
 
@@ -405,7 +449,7 @@ class DeviceState:
 
     def _undo(self, recorded: PreparedClaim) -> None:
         """Undo a completed prepare from recorded data only (the inventory may have changed)."""
-        self.sharing.undo(recorded.uid, recorded.sharing)
+        self._undo_sharing(recorded)
         for d in recorded.devices:
             with stage("mig_destroy" if d.mig is not None else "device_action"):
                 self.actions.get(d.kind, NO_ACTION).unprepare(d)
@@ -414,7 +458,8 @@ class DeviceState:
 
     def _rollback(self, recorded: PreparedClaim) -> None:
         """Undo whatever an unfinished prepare may have done; every step tolerates "never happened"."""
-        self.sharing.undo(recorded.uid, recorded.sharing)
+        self._undo_sharing(recorded)
+        self.shares.leave_claim(recorded.uid)
         for d in recorded.devices:
             action = self.actions.get(d.kind, NO_ACTION)
             if d.mig is not None:
@@ -422,6 +467,11 @@ class DeviceState:
             else:
                 action.rollback(self.inventory.get(d.device))
         self.cdi.remove_claim_spec(recorded.uid)
+
+    def _undo_sharing(self, recorded: PreparedClaim) -> None:
+        shares = [r for r in recorded.sharing if r.get("kind") == SHARE_RECORD_KIND]
+        self.shares.undo(recorded.uid, shares)
+        self.sharing.undo(recorded.uid, [r for r in recorded.sharing if r.get("kind") != SHARE_RECORD_KIND])
 
     def _rollback_after_failure(self, started: PreparedClaim) -> None:
         recorded = self._get(started.uid)
@@ -462,6 +512,7 @@ class DeviceState:
                 self._remove(claim.uid)
                 report.rolled_back.append(claim.uid)
         self._sweep_cdi_root(report)
+        self._sweep_shares(report)
         log.info(
             "start-up reconcile done",
             rolled_back=report.rolled_back,
@@ -495,6 +546,24 @@ class DeviceState:
             report.problems.append(f"CDI root sweep skipped: {exc}")
             log.warning("start-up CDI sweep skipped, GPU locks busy", error=str(exc))
 
+    def _sweep_shares(self, report: ReconcileReport) -> None:
+        """Shares whose claim is not in the checkpoint are dropped; a GPU daemon nobody uses stops.
+
+        Under every GPU's lock, like the CDI sweep: a prepare records its claim before its share
+        joins, so inside the locks every member file of a live prepare has its checkpoint entry.
+        """
+        gpus = sorted({d.gpu_uuid for d in self.inventory.devices} | set(self.shares.gpus()))
+        try:
+            with self.locks.hold(gpus):
+                known = set(self._all())
+                report.shares.extend(self.shares.sweep(lambda uid: uid in known))
+        except TemporaryClaimError as exc:
+            report.problems.append(f"MPS share sweep skipped: {exc}")
+            log.warning("start-up share sweep skipped, GPU locks busy", error=str(exc))
+        except Exception as exc:  # a stuck daemon must not stop the plugin
+            report.problems.append(f"MPS share sweep failed: {exc}")
+            log.exception("start-up share sweep failed")
+
     def _forget(self, uid: str) -> None:
         """Drop the ownership records of a claim whose changes are undone (before its entry goes)."""
         if self.ledger is not None:
@@ -506,6 +575,10 @@ class DeviceState:
     # from polling that flock against each other (cheaper, and fair). A single instance is the
     # only writer of its checkpoint, so it keeps what it last wrote in memory and skips reads;
     # any failed write drops that copy, and the next read goes to the file again.
+
+    def prepared_claims(self) -> list[PreparedClaim]:
+        """Every claim in the checkpoint, prepared or started (for metrics and watches; a copy)."""
+        return list(self._all().values())
 
     def _all(self) -> dict[str, PreparedClaim]:
         with self._cp_guard:
@@ -551,6 +624,7 @@ class ReconcileReport:
 
     rolled_back: list[str] = field(default_factory=list)
     removed_specs: list[Path] = field(default_factory=list)
+    shares: list[str] = field(default_factory=list)
     removed_records: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -573,6 +647,42 @@ def lock_keys(uid: str, devices: Sequence[Planned] | Sequence[PreparedDevice]) -
     """The physical GPUs a claim touches, or the claim itself when it has no device of ours."""
     uuids = {d.device.gpu_uuid if isinstance(d, Planned) else d.gpu_uuid for d in devices}
     return sorted(uuids) or [f"claim-{uid}"]
+
+
+def cdi_name(p: Planned, fractional: bool) -> str:
+    """The CDI device name after ``<claim uid>-``: the device, or ``<device>-share-<share id>``.
+
+    A fractional share's CDI device carries its share id: one claim may hold two shares of one
+    GPU, and their containers must not see the same CDI id (kubernetes #134519). A device given
+    whole keeps NVIDIA's name.
+    """
+    return f"{p.device.name}-share-{p.share_id}" if fractional and p.share_id else p.device.name
+
+
+def fractional_shares(planned: Sequence[Planned]) -> dict[int, ShareLimits]:
+    """Results that are fractional shares of a GPU, by index, with what each may use.
+
+    A share that took a whole GPU (mode ``memory``, all memory) is prepared as the full GPU.
+
+    Raises:
+        PermanentClaimError: the consumed capacity does not fit the device.
+    """
+    from driver.shares import share_limits
+
+    out: dict[int, ShareLimits] = {}
+    for index, p in enumerate(planned):
+        if p.share_id is None or not p.device.allow_multiple_allocations:
+            continue
+        try:
+            limits = share_limits(p.device, p.consumed)
+        except ValueError as exc:
+            raise PermanentClaimError(
+                f"allocation result for {p.device.name} (request {p.request}): {exc}; the claim was "
+                "allocated against another ResourceSlice - delete and recreate it"
+            ) from exc
+        if not limits.whole:
+            out[index] = limits
+    return out
 
 
 def reply_devices(claim: PreparedClaim) -> list[ReplyDevice]:
@@ -861,6 +971,70 @@ class NoSharing:
         return []
 
 
+SHARE_RECORD_KIND = "mps-share"
+
+
+class ShareAction(Protocol):
+    """Runs fractional shares of GPUs (``driver.gpushares`` over ``sharing.sharedmps``)."""
+
+    def record(
+        self, claim_uid: str, device: AllocatableDevice, share_id: str, limits: ShareLimits
+    ) -> dict[str, Any]:
+        """The checkpoint record of one share (kind :data:`SHARE_RECORD_KIND`), before it joins."""
+        ...
+
+    def join(self, record: Mapping[str, Any]) -> ContainerEdits:
+        """Start or join the GPU's daemon for the share; its containers' edits.
+
+        Raises:
+            ClaimError: the share cannot run (the share is left again before raising).
+        """
+        ...
+
+    def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Leave the recorded shares; the last share of a GPU stops its daemon."""
+        ...
+
+    def leave_claim(self, claim_uid: str) -> None:
+        """Leave every share of the claim, recorded or not (rollback)."""
+        ...
+
+    def gpus(self) -> list[str]:
+        """GPUs that have share state on disk."""
+        ...
+
+    def sweep(self, is_prepared: Callable[[str], bool]) -> list[str]:
+        """Start-up: drop shares of unknown claims, stop unused daemons, restart lost ones."""
+        ...
+
+
+class NoShares:
+    """Fractional shares refused, with what to enable; nothing on disk to undo or sweep."""
+
+    def record(
+        self, claim_uid: str, device: AllocatableDevice, share_id: str, limits: ShareLimits
+    ) -> dict[str, Any]:
+        raise PermanentClaimError(
+            f"device {device.name} was allocated as a share (capacity requests), but this node does "
+            "not run shares; enable the MPSSupport and ConsumableShares feature gates on the plugin"
+        )
+
+    def join(self, record: Mapping[str, Any]) -> ContainerEdits:
+        raise PermanentClaimError("this node does not run shares")
+
+    def undo(self, claim_uid: str, records: Sequence[Mapping[str, Any]]) -> None:
+        return None
+
+    def leave_claim(self, claim_uid: str) -> None:
+        return None
+
+    def gpus(self) -> list[str]:
+        return []
+
+    def sweep(self, is_prepared: Callable[[str], bool]) -> list[str]:
+        return []
+
+
 class DriverRootEdits:
     """CDI edits from the driver root the plugin sees, with host paths for the runtime.
 
@@ -981,8 +1155,10 @@ __all__ = [
     "DynamicMigAction",
     "EditsSource",
     "NoAction",
+    "NoShares",
     "NoSharing",
     "ReconcileReport",
+    "ShareAction",
     "SharingAction",
     "SharingOutcome",
     "Unsupported",

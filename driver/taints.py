@@ -150,7 +150,7 @@ class TaintSync:
         self._publish = publish
         self._status_path = status_path
         self._lost_effect = lost_effect
-        self._on_change = on_change
+        self.on_change = on_change
         self._refresh_s = refresh_s
         self._current: dict[str, tuple[DeviceTaint, ...]] = {}
         self._lock = threading.Lock()
@@ -206,8 +206,8 @@ class TaintSync:
                 taint=str(change.taint),
             )
         self._write_status(snapshot, taints)
-        if changes and self._on_change is not None:
-            self._on_change(changes)
+        if changes and self.on_change is not None:
+            self.on_change(changes)
         return changes
 
     def _write_status(self, snapshot: Snapshot, taints: DeviceTaints) -> None:

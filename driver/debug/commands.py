@@ -166,13 +166,21 @@ def topology_inventory(
 
 
 def _simulated(args: argparse.Namespace) -> Inventory:
-    """The inventory of the simulated node the command's ``--topology`` flags describe."""
-    return topology_inventory(
+    """The inventory of the simulated node the command's ``--topology`` flags describe.
+
+    Full GPUs are offered as shares as the plugin's defaults do (``--consumable-shares``), so
+    claims with ``capacity.requests`` are answered too.
+    """
+    from driver.shares import offer_shares, parse_share_mode
+
+    inventory = topology_inventory(
         args.topology,
         _node_name(args),
         args.mig_mode or "dynamic",
         allow_mig_mode_change=(args.allow_mig_mode_change or "false") == "true",
     )
+    mode = getattr(args, "consumable_shares", None) or "memory"
+    return offer_shares(inventory, parse_share_mode(mode))
 
 
 def _node_name(args: argparse.Namespace) -> str:
@@ -607,9 +615,20 @@ def run_slices(args: argparse.Namespace, out: TextIO) -> int:
     inventory = _simulated(args) if args.topology else _local_inventory(args, _checkpoint(args))
     kube = _kube(args) if args.compare else None
     minor = kube.server_version()[1] if kube is not None else SERVER_MINOR
+    from driver.debug.taints import published_taints
     from driver.resourceslices import build_slices
 
-    slices = build_slices(inventory, node, cfg.driver_name, "", minor)
+    # What the plugin publishes includes its health taints (from its status file on this node).
+    taints = {} if args.topology else published_taints(cfg.state_dir)
+    slices = build_slices(
+        inventory,
+        node,
+        cfg.driver_name,
+        "",
+        minor,
+        taints=taints,
+        taintable=cfg.gate("NVMLDeviceHealthCheck"),
+    )
     result: JsonDict = {"slices": slices, "valid": True, "problems": [], "diff": None}
     try:
         validate_pool(slices, minor)

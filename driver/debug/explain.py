@@ -5,13 +5,15 @@ about which selector failed on which device. :func:`explain` replays the schedul
 over the ResourceSlices of one node: it evaluates each DeviceClass and request selector on each
 device (in the scheduler's order, stopping at the first false clause like the scheduler), then
 runs a small first-fit search honouring counts (ExactCount / All), firstAvailable subrequests,
-``matchAttribute`` / ``distinctAttribute`` constraints and shared counters (two MIG placements
-that overlap, or a full GPU and a MIG slice of it, cannot both be chosen). A CEL runtime error
-met during the search aborts it, as it aborts the scheduler's allocation on that node.
+``matchAttribute`` / ``distinctAttribute`` constraints, shared counters (two MIG placements
+that overlap, or a full GPU and a MIG slice of it, cannot both be chosen) and consumable capacity
+(``capacity.requests`` filter devices, are rounded by the device's ``requestPolicy`` and are
+summed per multi-allocatable device; such a device charges its counters once). A CEL runtime
+error met during the search aborts it, as it aborts the scheduler's allocation on that node.
 
 It does not read files, talk to the API server or print (``commands`` and ``render`` do), and it
-does not model devices already allocated to other claims unless told (``allocated``), admin
-access, device taints or consumable capacity.
+does not model devices already allocated to other claims unless told (``allocated``; a shared
+device named there counts as full), admin access or device taints.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class Device:
     attributes: Mapping[str, Any]
     capacity: Mapping[str, Fraction]
     consumes: tuple[tuple[str, Mapping[str, Fraction]], ...] = ()
+    multi: bool = False  # allowMultipleAllocations
+    policies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # requestPolicy, as Fractions
 
     @property
     def key(self) -> str:
@@ -119,6 +123,45 @@ def _decode_attribute(value: Mapping[str, Any]) -> Any:
     if "versions" in value:
         return [Version(str(v)) for v in value["versions"]]
     raise ValueError(f"attribute value {dict(value)!r} has none of bool/int/string/version")
+
+
+def _policy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if raw.get("default") is not None:
+        out["default"] = parse_quantity(raw["default"])
+    if raw.get("validValues"):
+        out["validValues"] = sorted(parse_quantity(v) for v in raw["validValues"])
+    valid = raw.get("validRange") or {}
+    for key in ("min", "max", "step"):
+        if valid.get(key) is not None:
+            out[key] = parse_quantity(valid[key])
+    return out
+
+
+def consumed_amount(device: Device, name: str, requested: Fraction | None) -> Fraction | None:
+    """What a request takes of ``device``'s capacity ``name`` (None: the policy refuses it).
+
+    As the scheduler's allocator: not requested -> the policy's default, or all of it without a
+    policy; requested -> rounded up to the policy's min / next step / next valid value.
+    """
+    value = device.capacity.get(name, Fraction(0))
+    policy = device.policies.get(name) or {}
+    if requested is None:
+        default: Fraction = policy.get("default", value)
+        return default
+    amount = requested
+    if "validValues" in policy:
+        above = [v for v in policy["validValues"] if v >= amount]
+        return above[0] if above else None
+    if "min" in policy:
+        amount = max(amount, policy["min"])
+        step = policy.get("step")
+        if step:
+            steps = -((policy["min"] - amount) // step)
+            amount = policy["min"] + steps * step
+        if "max" in policy and amount > policy["max"]:
+            return None
+    return amount
 
 
 def _counter_values(counters: Mapping[str, Any]) -> dict[str, Fraction]:
@@ -157,6 +200,12 @@ def node_from_slices(slices: Iterable[Mapping[str, Any]]) -> NodeDevices:
                             (c["counterSet"], _counter_values(c.get("counters", {})))
                             for c in body.get("consumesCounters") or []
                         ),
+                        multi=bool(body.get("allowMultipleAllocations")),
+                        policies={
+                            k: _policy(v["requestPolicy"])
+                            for k, v in (body.get("capacity") or {}).items()
+                            if v.get("requestPolicy")
+                        },
                     )
                 )
     return NodeDevices(tuple(devices), counters)
@@ -174,6 +223,7 @@ class Alternative:
     selectors: tuple[str, ...]
     mode: str  # ExactCount | All
     count: int
+    capacity: Mapping[str, Fraction] = field(default_factory=dict)  # capacity.requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +257,10 @@ class ClaimSpec:
 def _alternative(name: str, body: Mapping[str, Any]) -> Alternative:
     selectors = tuple(s["cel"]["expression"] for s in body.get("selectors") or [] if "cel" in s)
     mode = body.get("allocationMode") or "ExactCount"
-    return Alternative(name, body.get("deviceClassName", ""), selectors, mode, int(body.get("count") or 1))
+    capacity = {k: parse_quantity(v) for k, v in ((body.get("capacity") or {}).get("requests") or {}).items()}
+    return Alternative(
+        name, body.get("deviceClassName", ""), selectors, mode, int(body.get("count") or 1), capacity
+    )
 
 
 def parse_claim(obj: Mapping[str, Any]) -> ClaimSpec:
@@ -293,6 +346,7 @@ class Explanation:
     fits: bool
     allocation: Mapping[str, tuple[str, ...]]
     reason: str
+    consumed: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -309,6 +363,7 @@ class Explanation:
             "fits": self.fits,
             "reason": self.reason,
             "allocation": {k: list(v) for k, v in self.allocation.items()},
+            "consumedCapacity": {k: {d: dict(c) for d, c in v.items()} for k, v in self.consumed.items()},
             "rejections": [
                 {"where": r.where, "expression": r.expression, "message": r.message, "fix": r.fix}
                 for r in self.rejections
@@ -417,6 +472,9 @@ class _Search:
         self.steps = 0
         self.chosen: dict[str, list[Device]] = {}
         self.used: set[str] = set()
+        # Multi-allocatable devices: what each choice took, per device and per (request, device).
+        self.shared: dict[str, dict[str, Fraction]] = {}
+        self.takes: list[tuple[str, str, dict[str, Fraction]]] = []
         self.usage: dict[tuple[str, str, str], dict[str, Fraction]] = {}
         # Devices of other claims use their shared counters, as in the scheduler's allocator.
         for device in node.devices:
@@ -448,6 +506,26 @@ class _Search:
                     return False
         return True
 
+    def free(self, alt: Alternative, device: Device) -> bool:
+        """The device can take this request: unused, or shared with room for what it asks."""
+        if any(device.capacity.get(n, Fraction(-1)) < amount for n, amount in alt.capacity.items()):
+            return False  # capacity requests filter like a selector ``capacity >= request``
+        if not device.multi:
+            return device.key not in self.used
+        if self.take_of(alt, device) is None:
+            return False
+        return device.key in self.shared or self.fits_counters(device)
+
+    def take_of(self, alt: Alternative, device: Device) -> dict[str, Fraction] | None:
+        taken = self.shared.get(device.key, {})
+        out: dict[str, Fraction] = {}
+        for name, value in device.capacity.items():
+            amount = consumed_amount(device, name, alt.capacity.get(name))
+            if amount is None or taken.get(name, Fraction(0)) + amount > value:
+                return None
+            out[name] = amount
+        return out
+
     def fits_constraints(self, alt: Alternative, device: Device) -> bool:
         for constraint in self.claim.constraints:
             if not constraint.covers(alt.name):
@@ -475,6 +553,15 @@ class _Search:
 
     def take(self, alt: Alternative, device: Device) -> None:
         self.chosen.setdefault(alt.name, []).append(device)
+        if device.multi:
+            amounts = self.take_of(alt, device) or {}
+            if device.key not in self.shared:
+                self.shared[device.key] = {}
+                self._charge(device, 1)  # a shared device's counters are charged once
+            for name, amount in amounts.items():
+                self.shared[device.key][name] = self.shared[device.key].get(name, Fraction(0)) + amount
+            self.takes.append((alt.name, device.key, amounts))
+            return
         self.used.add(device.key)
         self._charge(device, 1)
 
@@ -482,8 +569,20 @@ class _Search:
         self.chosen[alt.name].pop()
         if not self.chosen[alt.name]:
             del self.chosen[alt.name]
+        if device.multi:
+            _, _, amounts = self.takes.pop()
+            for name, amount in amounts.items():
+                self.shared[device.key][name] -= amount
+            if not any(t[1] == device.key for t in self.takes):
+                del self.shared[device.key]
+                self._charge(device, -1)
+            return
         self.used.discard(device.key)
         self._charge(device, -1)
+
+    def _counters_ok(self, device: Device) -> bool:
+        # A shared device already chosen has its counters charged; only a first use needs room.
+        return (device.multi and device.key in self.shared) or self.fits_counters(device)
 
     def tick(self) -> None:
         self.steps += 1
@@ -511,8 +610,8 @@ class _Search:
             return self.request(index + 1)
         self.tick()
         if (
-            device.key in self.used
-            or not self.fits_counters(device)
+            not self.free(alt, device)
+            or not self._counters_ok(device)
             or not self.fits_constraints(alt, device)
         ):
             return False
@@ -533,8 +632,8 @@ class _Search:
                 return False
             self.tick()
             if (
-                device.key in self.used
-                or not self.fits_counters(device)
+                not self.free(alt, device)
+                or not self._counters_ok(device)
                 or not self.fits_constraints(alt, device)
             ):
                 continue
@@ -613,8 +712,20 @@ def explain(
         return Explanation(claim, tuple(results), (), False, {}, str(exc))
     if fits:
         allocation = {name: tuple(d.name for d in ds) for name, ds in search.chosen.items()}
-        return Explanation(claim, tuple(results), (), True, allocation, "fits")
+        consumed: dict[str, dict[str, dict[str, str]]] = {}
+        for name, key, amounts in search.takes:
+            device_name = key.rsplit("/", 1)[-1]
+            consumed.setdefault(name, {})[device_name] = {k: _quantity_text(v) for k, v in amounts.items()}
+        return Explanation(claim, tuple(results), (), True, allocation, "fits", consumed)
     return Explanation(claim, tuple(results), (), False, {}, _why_not(claim, results))
+
+
+def _quantity_text(value: Fraction) -> str:
+    if value.denominator == 1:
+        from driver.resourceslices import canonical_quantity
+
+        return canonical_quantity(int(value), binary=int(value) >= 1 << 20)
+    return str(float(value))
 
 
 def _why_not(claim: ClaimSpec, results: Sequence[AlternativeResult]) -> str:

@@ -204,9 +204,15 @@ def local_inventory(cfg: Config, claims: Iterable[PreparedClaim] = ()) -> Invent
             owned=owned_mig_placements(claims),
         )
         sysfs = None if cfg.nvml_backend == "fake" else Path("/sys")
-        return discover(nvml, node, sysfs_root=sysfs, mig_hook=hook)
+        inventory = discover(nvml, node, sysfs_root=sysfs, mig_hook=hook)
     finally:
         nvml.shutdown()
+    if not cfg.gate("ConsumableShares"):
+        return inventory
+    from driver.shares import offer_shares, parse_share_mode
+
+    # As the daemon offers full GPUs (a server that drops the fields makes it fall back).
+    return offer_shares(inventory, parse_share_mode(cfg.consumable_shares))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from driver.debug import render
 from driver.errors import DriverError
 from driver.health import FaultKind
 from driver.recovery import ClearRequests, parse_kinds
-from driver.taints import KEY_PREFIX, STATUS_FILE, read_status
+from driver.taints import KEY_PREFIX, STATUS_FILE, DeviceTaint, read_status
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -37,6 +37,19 @@ def device_status(state_dir: Path) -> Mapping[str, Any] | None:
         return None
     devices: Mapping[str, Any] = doc.get("devices") or {}
     return devices
+
+
+def published_taints(state_dir: Path) -> dict[str, tuple[DeviceTaint, ...]]:
+    """Device name -> the taints the plugin last published, from its status file."""
+    out = {}
+    for name, d in (device_status(state_dir) or {}).items():
+        taints = tuple(
+            DeviceTaint(str(t["key"]), str(t.get("value", "")), str(t["effect"]))
+            for t in d.get("taints") or []
+        )
+        if taints:
+            out[name] = taints
+    return out
 
 
 def taint_text(taints: Any) -> str:

@@ -267,6 +267,7 @@ def test_default_render(helm: Helm) -> None:
         (r["apiGroups"][0], r["resources"][0], tuple(sorted(r["verbs"]))) for r in role["rules"]
     ) == [
         ("", "nodes", ("get",)),
+        ("events.k8s.io", "events", ("create",)),
         ("resource.k8s.io", "resourceclaims", ("get",)),
         ("resource.k8s.io", "resourceslices", ("create", "delete", "list", "update", "watch")),
     ]
@@ -336,6 +337,51 @@ def test_non_default_render(helm: Helm) -> None:
         "system:serviceaccount:gpu-system:existing-sa"
         in (_one(objs, "ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"])
     )
+
+
+def test_health_and_metrics_values_render(helm: Helm) -> None:
+    objs = helm.template("rel", "gpu-system")
+    ds = _one(objs, "DaemonSet")
+    env = _env(ds)
+    assert env["METRICS_PORT"] == "8080"
+    assert env["GPU_LOST_TAINT_EFFECT"] == "NoSchedule"
+    assert env["RECOVERY_POLL_INTERVAL"] == "10"
+    assert "NVMLDeviceHealthCheck" not in str(env.get("FEATURE_GATES", ""))  # on: the plugin's default
+    ports = {p["name"]: p["containerPort"] for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["metrics"] == 8080
+    assert not {"ServiceMonitor", "Service"} & _kinds(objs)  # off by default: needs prometheus-operator
+
+    objs = helm.template(
+        "rel",
+        "gpu-system",
+        [
+            'metrics={"enabled":true,"port":9400,"serviceMonitor":{"enabled":true,"interval":"15s","labels":{"release":"prom"}}}',
+            'health={"taints":false,"gpuLostTaintEffect":"NoExecute","additionalXidsToIgnore":"48","recoveryPollInterval":5}',
+        ],
+    )
+    env = _env(_one(objs, "DaemonSet"))
+    assert env["METRICS_PORT"] == "9400"
+    assert env["FEATURE_GATES"] == "NVMLDeviceHealthCheck=false"
+    assert (env["GPU_LOST_TAINT_EFFECT"], env["ADDITIONAL_XIDS_TO_IGNORE"]) == ("NoExecute", "48")
+    service, monitor = _one(objs, "Service"), _one(objs, "ServiceMonitor")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+    objs = helm.template(
+        "rel",
+        "gpu-system",
+        [
+            'metrics={"enabled":false,"port":8080,"serviceMonitor":{"enabled":true,"interval":"30s","labels":{}}}'
+        ],
+    )
+    env = _env(_one(objs, "DaemonSet"))
+    assert "METRICS_PORT" not in env
+    assert "ServiceMonitor" not in _kinds(objs)
 
 
 def test_extended_resource_follows_the_server_version(helm: Helm) -> None:

@@ -316,7 +316,25 @@ def _verb_calls(
     def watch() -> None:
         plugin.watch_slices(DRIVER_NAME, ground.node_a, timeout_s=1).close()
 
+    def event() -> None:
+        plugin.create_event(
+            "default",  # Events about a cluster-scoped object live in default
+            {
+                "apiVersion": "events.k8s.io/v1",
+                "kind": "Event",
+                "metadata": {"generateName": "rbac-check-"},
+                "eventTime": "2026-01-01T00:00:00.000000Z",
+                "reportingController": "gpu.nvidia.com/kubelet-plugin",
+                "reportingInstance": f"gpu.nvidia.com/kubelet-plugin-{ground.node_a}",
+                "action": "Check",
+                "reason": "RbacCheck",
+                "type": "Normal",
+                "regarding": {"apiVersion": "v1", "kind": "Node", "name": ground.node_a},
+            },
+        )
+
     return {
+        ("events", "create"): event,
         ("nodes", "get"): lambda: plugin.get_node(ground.node_a),
         ("resourceclaims", "get"): lambda: plugin.get_resource_claim(ground.ns, ground.claim),
         ("resourceslices", "list"): lambda: plugin.list_slices(DRIVER_NAME, ground.node_a),

@@ -330,7 +330,17 @@ def case_nodes_get(g: Ground) -> None:
     assert our_slices(g.node) == []
 
 
+def case_events_create(g: Ground) -> None:
+    """Without events/create, a failed prepare still fails for the kubelet, but no Event reaches the claim."""
+    bogus = (g.namespace, str(uuid.uuid4()), g.claim_name)  # a UID the claim does not have
+    offset = log_offset(g.node)
+    with pytest.raises(KubeletError):
+        g.node.emulator.prepare(DRIVER_NAME, [bogus])
+    wait_logged(g.node, offset, "sending an event failed", forbidden("create", "events"))
+
+
 CASES: dict[tuple[str, str], Callable[[Ground], None]] = {
+    ("events", "create"): case_events_create,
     ("resourceslices", "create"): case_slices_create,
     ("resourceslices", "update"): case_slices_update,
     ("resourceslices", "delete"): case_slices_delete,

@@ -37,6 +37,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from driver.inventory import DRIVER_NAME
+from driver.nvml.backend import Nvml
+from driver.nvml.fakestate import FakeState
 from tests.e2e.test_chart import Helm
 from tests.ground import images, peers
 from tests.ground.controlplane import ControlPlane, start_control_plane
@@ -64,11 +66,16 @@ GPUS = 8
 DRIVER_ROOT = "/var/lib/gpu-dra-test/driver"
 PLUGIN_LABEL = "app.kubernetes.io/name=gpu-dra"
 WAIT_S = 120.0
-SIMULATED_GPU_FLAGS = ["--nvml-backend=fake", f"--fake-topology={TOPOLOGY}", "--proc-root=/driver-root/proc"]
+#: Where the fake MIG keeps its capability files: writable (the driver root is mounted read-only),
+#: on the state dir's host path, which the container sees at the same path.
+MIG_ROOT = "fake-mig-root"
 #: A workload that shows what the runtime gave it, then stays up.
 SHOW = (
-    "ls -l /dev/nvidia* /dev/nvidia-caps 2>/dev/null; echo ---env; env | sort; echo ---end; exec sleep 3600"
+    "ls -ld /dev/nvidia* /dev/nvidia-caps/* 2>/dev/null; echo ---env; env | sort; echo ---end; "
+    "exec sleep 3600"
 )
+#: The GPU the fake state puts in MIG mode before the plugin starts (the others stay full GPUs).
+MIG_GPU = 7
 
 
 @dataclass
@@ -87,6 +94,12 @@ class Ground:
     def state_dir(self) -> Path:
         return self.node.plugins_dir / DRIVER_NAME
 
+    @property
+    def simulated_gpu_flags(self) -> list[str]:
+        """The plugin's flags for this simulated node (chart extraArgs)."""
+        proc = self.state_dir / MIG_ROOT / "proc"
+        return ["--nvml-backend=fake", f"--fake-topology={TOPOLOGY}", f"--proc-root={proc}"]
+
     def values(self, tag: str) -> list[str]:
         """--set-json values: the local image, the node's kubelet dirs, a simulated GPU node."""
         img = self.plugin_images[tag]
@@ -96,7 +109,7 @@ class Ground:
             f"nvidiaDriverRoot={json.dumps(DRIVER_ROOT)}",
             "kubeletDirs="
             + json.dumps({"registrar": str(self.node.registry_dir), "plugins": str(self.node.plugins_dir)}),
-            "plugin.extraArgs=" + json.dumps(SIMULATED_GPU_FLAGS),
+            "plugin.extraArgs=" + json.dumps(self.simulated_gpu_flags),
             'plugin.featureGates={"TimeSlicingSettings": true}',
             'plugin.logLevel="debug"',
         ]
@@ -122,7 +135,7 @@ def ground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ground]:
     pause, busybox = images.pause_image(), images.busybox_image()
     t_images = time.monotonic() - t0
     # Unix socket paths are short-limited: the node's dirs live under a short /tmp name.
-    base = Path(tempfile.mkdtemp(prefix="gdn-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="gn", dir="/tmp"))
     logs = tmp_path_factory.mktemp("realnode")
     proxy = EgressProxy(base / "egress.sock")
     egress_cfg = logs / "egress.yaml"
@@ -142,6 +155,7 @@ def ground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ground]:
         driver = make_fake_driver_root(node.host_path(DRIVER_ROOT), range(GPUS))
         install_standins(driver.bin_dir, node.plugins_dir / DRIVER_NAME / "fake-nvml.json")
         node.extra_dev = driver.dev_dir
+        _seed_fake_gpus(node.plugins_dir / DRIVER_NAME, driver)
         node.start()
         for img in (pause, busybox, *plugin_images.values()):
             node.import_image(img)
@@ -158,6 +172,19 @@ def ground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ground]:
         left = node.leftovers() if node is not None else []
         shutil.rmtree(base, ignore_errors=True)
     assert left == [], f"the real node left this on the host: {left}"
+
+
+def _seed_fake_gpus(state_dir: Path, driver: FakeDriverRoot) -> None:
+    """The fake GPUs' state before the plugin starts: GPU MIG_GPU in MIG mode (an A100 never
+    toggles it at run time), MIG capability files kept under a writable copy of the driver's proc."""
+    mig_root = state_dir / MIG_ROOT
+    shutil.copytree(driver.proc_dir, mig_root / "proc", symlinks=True)
+    state = state_dir / "fake-nvml.json"
+    Nvml.open("fake", fake_topology=TOPOLOGY, fake_state=state, node_name=NODE).shutdown()
+    with FakeState(state).edit() as doc:
+        doc["driverRoot"] = str(mig_root)
+        (uuid,) = [u for u, g in doc["gpus"].items() if int(g["minor"]) == MIG_GPU]
+        doc["gpus"][uuid]["mig"] = {"current": True, "pending": True}
 
 
 def _plugin_pods(ground: Ground) -> list[dict[str, Any]]:
@@ -186,14 +213,18 @@ def _shown(log: str) -> tuple[set[str], dict[str, str]]:
     """(device node paths listed, environment) from a SHOW workload's log."""
     devs_part, _, rest = log.partition("---env")
     env_part = rest.partition("---end")[0]
-    devs = set(re.findall(r"(/dev/\S+)$", devs_part, re.MULTILINE))
+    # Character devices only (ls -ld also lists the /dev/nvidia-caps directory itself).
+    devs = {line.split()[-1] for line in devs_part.splitlines() if line.startswith("c")}
     env = dict(line.split("=", 1) for line in env_part.strip().splitlines() if "=" in line)
     return devs, env
 
 
-def _workload(manifest: Path) -> list[dict[str, Any]]:
-    """A scenario's manifests with its containers replaced by the busybox SHOW workload."""
-    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+def _workload(manifest: Path, namespace: bool = True) -> list[dict[str, Any]]:
+    """A scenario's manifests with its containers replaced by the busybox SHOW workload
+    (without its Namespace when ``namespace`` is False: another scenario's is still there)."""
+    docs = [
+        d for d in yaml.safe_load_all(manifest.read_text()) if d and (namespace or d["kind"] != "Namespace")
+    ]
     for doc in docs:
         if doc["kind"] in ("Deployment", "Pod", "Job"):
             spec = doc["spec"]["template"]["spec"] if doc["kind"] != "Pod" else doc["spec"]
@@ -243,11 +274,6 @@ def _expected(spec: dict[str, Any]) -> tuple[set[str], dict[str, str]]:
     nodes = {n["path"] for e in edits for n in e.get("deviceNodes") or []}
     env = dict(kv.split("=", 1) for e in edits for kv in e.get("env") or [])
     return {n for n in nodes if n.startswith("/dev/nvidia")}, env
-
-
-def _listed(devs: set[str]) -> set[str]:
-    """ls -l of /dev/nvidia* and the nvidia-caps dir prints dir entries by name only: normalise."""
-    return {d.rstrip(":") for d in devs}
 
 
 # -- the tests, in order ---------------------------------------------------------------------
@@ -322,7 +348,9 @@ def test_helm_install_plugin_ready_registered_and_publishing(ground: Ground) -> 
 
     slices = wait_for(published, WAIT_S, "the plugin's ResourceSlices")
     names = {d["name"] for s in slices for d in s["spec"].get("devices") or []}
-    assert {f"gpu-{i}" for i in range(GPUS)} <= names
+    full = {f"gpu-{i}" for i in range(GPUS) if i != MIG_GPU}
+    assert full <= names and f"gpu-{MIG_GPU}" not in names, sorted(names)
+    assert any(n.startswith(f"gpu-{MIG_GPU}-mig-") for n in names), sorted(names)
     status = pod["status"]["containerStatuses"][0]
     assert status["ready"] and status["restartCount"] == 0
     print(f"plugin pod Ready {ready_s:.1f}s after helm install")
@@ -338,7 +366,7 @@ def test_scenario_01_workload_sees_exactly_its_claims_devices(ground: Ground) ->
         assert spec is not None, f"no CDI spec for claim {uid} in the node's /var/run/cdi"
         want_devs, want_env = _expected(spec)
         devs, env = _shown(_pod_log(ground, pod))
-        assert _listed(devs) == want_devs, (devs, spec)
+        assert devs == want_devs, (devs, spec)
         assert want_env.items() <= env.items(), (want_env, env)
         gpus = {n for n in want_devs if re.fullmatch(r"/dev/nvidia\d+", n)}
         assert len(gpus) == 1, f"one GPU requested, the spec gives {gpus}"
@@ -364,12 +392,43 @@ def test_scenario_02_shared_claim_two_pods_same_gpu(ground: Ground) -> None:
         want_devs, want_env = _expected(spec)
         for p in pods:
             devs, env = _shown(_pod_log(ground, p))
-            assert _listed(devs) == want_devs
+            assert devs == want_devs
             assert want_env.items() <= env.items()
         gpus = {n for n in want_devs if re.fullmatch(r"/dev/nvidia\d+", n)}
         assert len(gpus) == 1, f"the shared claim names one GPU, its spec gives {gpus}"
     finally:
         ground.applied_02 = applied
+
+
+def test_mig_claim_workload_sees_its_mig_device(ground: Ground) -> None:
+    docs = _workload(scenario_path("04"), namespace=False)  # scenario 02's still runs for the upgrade
+    for d in docs:
+        if d["kind"] == "Deployment":
+            d["spec"]["replicas"] = 1
+    applied = apply_manifests(ground.api, docs)
+    try:
+        (pod,) = _running(ground, "gpu-demo", "app=gpu-demo-mig", 1)
+        uid = _claim_uid(ground, pod)
+        spec = _cdi_spec(ground, uid)
+        assert spec is not None
+        want_devs, want_env = _expected(spec)
+        assert f"/dev/nvidia{MIG_GPU}" in want_devs
+        caps = {n for n in want_devs if n.startswith("/dev/nvidia-caps/")}
+        assert len(caps) == 2, f"a MIG device has a GI and a CI capability node: {want_devs}"
+        devs, env = _shown(_pod_log(ground, pod))
+        assert devs == want_devs, (devs, spec)
+        assert want_env.items() <= env.items()
+        state = json.loads((ground.state_dir / "fake-nvml.json").read_text())
+        (gpu,) = [g for g in state["gpus"].values() if int(g["minor"]) == MIG_GPU]
+        assert len(gpu["mig"].get("gis") or {}) == 1, "the claim's GPU instance exists on the fake GPU"
+    finally:
+        delete_manifests(ground.api, applied, wait=True, timeout=WAIT_S)
+    wait_for(
+        lambda: _cdi_spec(ground, uid) is None, WAIT_S, f"NodeUnprepareResources to remove claim {uid}'s spec"
+    )
+    state = json.loads((ground.state_dir / "fake-nvml.json").read_text())
+    (gpu,) = [g for g in state["gpus"].values() if int(g["minor"]) == MIG_GPU]
+    assert not gpu["mig"].get("gis"), "unprepare must destroy the claim's MIG instance"
 
 
 def test_kubectl_exec_doctor_passes_in_the_plugin_pod(ground: Ground) -> None:
@@ -381,7 +440,7 @@ def test_kubectl_exec_doctor_passes_in_the_plugin_pod(ground: Ground) -> None:
         NAMESPACE,
         # The plugin's simulated-GPU flags are chart extraArgs of `gpu-dra plugin` only (everything
         # else reaches doctor through the env twins the chart sets), so doctor is told them too.
-        command=["gpu-dra", "doctor", *SIMULATED_GPU_FLAGS],
+        command=["gpu-dra", "doctor", *ground.simulated_gpu_flags],
         stderr=True,
         stdout=True,
         stdin=False,

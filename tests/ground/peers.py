@@ -129,6 +129,12 @@ def cdi_path() -> Path:
     return _require(cache_dir() / f"cdi-{pins()['CDI_VERSION']}" / "bin" / "cdi", "cdi")
 
 
+def promtool_path() -> Path:
+    """Prometheus' promtool (``promtool check metrics`` lints an exposition read from stdin)."""
+    _build("promtool")
+    return _require(cache_dir() / f"promtool-{pins()['PROMETHEUS_VERSION']}" / "bin" / "promtool", "promtool")
+
+
 def _mocknvml_dir() -> Path:
     return cache_dir() / f"mocknvml-go-nvml-{pins()['GO_NVML_VERSION']}"
 

@@ -127,7 +127,8 @@ class RealNode(RealKubelet):
     ) -> None:
         """``base_dir`` must be short (Unix socket paths); ``extra_dev``: a directory whose
         character devices (the fake driver's ``dev``) are copied into the node's /dev."""
-        super().__init__(control_plane, node_name, base_dir / "run", log_dir, labels=labels, version=version)
+        # "r": the kubelet's plugin sockets live under it, and Unix socket paths are short-limited.
+        super().__init__(control_plane, node_name, base_dir / "r", log_dir, labels=labels, version=version)
         self.base_dir = Path(base_dir)
         self.root = self.base_dir / "root"
         self.etc_upper = self.base_dir / "etc" / "upper"
@@ -218,6 +219,8 @@ class RealNode(RealKubelet):
                 # Pods' cgroups under one parent of this node: stop() finds and removes them.
                 "cgroupRoot": self.cgroup_parent,
                 "resolvConf": "/etc/resolv.conf",
+                # Containers' logs outlive the node (its run dir is removed at stop).
+                "podLogsDir": str(self.log_dir / "pods"),
             }
         )
         self.config_path.write_text(yaml.safe_dump(config))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|containerd|runc|cni|pause|node|all]
-#        ... (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
+# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|containerd|runc|cni|pause|node|
+#        promtool|all] ... (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
 #        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
@@ -272,6 +272,23 @@ GO
   say "cdi: done -> $dir/bin/cdi"
 }
 
+build_promtool() {
+  local dir="$cache/promtool-$PROMETHEUS_VERSION"
+  local key="promtool=$PROMETHEUS_MODULE@$PROMETHEUS_VERSION tags=$PROMTOOL_TAGS script=1"
+  if done_stamp "$dir" "$key"; then say "promtool $PROMETHEUS_VERSION: cached"; return; fi
+  say "promtool $PROMETHEUS_VERSION: building from $PROMETHEUS_MODULE (cold: a few minutes)"
+  rm -rf "$dir/src" "$dir/.built" && mkdir -p "$dir/src" "$dir/bin"
+  printf 'module gpudra.local/peers/promtool\n\ngo 1.26\n\nrequire %s %s\n' "$PROMETHEUS_MODULE" "$PROMETHEUS_VERSION" >"$dir/src/go.mod"
+  (
+    cd "$dir/src"
+    GOFLAGS="$GOFLAGS -tags=$PROMTOOL_TAGS" go get "$PROMETHEUS_MODULE/cmd/promtool@$PROMETHEUS_VERSION" \
+      >"$dir/get.log" 2>&1 || { cat "$dir/get.log" >&2; exit 1; }
+    go build -tags "$PROMTOOL_TAGS" -ldflags="-s -w" -o "$dir/bin/promtool" "$PROMETHEUS_MODULE/cmd/promtool"
+  )
+  echo "$key" >"$dir/.built"
+  say "promtool: done -> $dir/bin/promtool"
+}
+
 build_mocknvml() {
   local dir="$cache/mocknvml-go-nvml-$GO_NVML_VERSION"
   local key="go-nvml=$GO_NVML_VERSION bridge=$(sha256sum "$here/build-mocknvml.sh" | cut -c1-16)"
@@ -395,9 +412,10 @@ for t in "${targets[@]}"; do
     cni) build_cni ;;
     pause) build_pause "$K8S_VERSION" ;;
     node) build_node ;;
+    promtool) build_promtool ;;
     all)
       build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_kubelet "$K8S_KUBELET_V1BETA1"
-      build_helm; build_cdi; build_mocknvml; build_node ;;
-    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml, containerd, runc, cni, pause, node or all)" >&2; exit 2 ;;
+      build_helm; build_cdi; build_mocknvml; build_node; build_promtool ;;
+    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml, containerd, runc, cni, pause, node, promtool or all)" >&2; exit 2 ;;
   esac
 done

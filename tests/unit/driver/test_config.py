@@ -177,3 +177,12 @@ def test_config_is_frozen() -> None:
     cfg = Config(node_name="n1")
     with pytest.raises(AttributeError):
         cfg.node_name = "n2"  # type: ignore[misc]
+
+
+def test_shutdown_grace_defaults_to_5s_and_bad_values_name_the_flag() -> None:
+    assert from_args(_ns("--node-name", "n1"), env={}).shutdown_grace_s == 5.0
+    assert from_args(_ns("--node-name", "n1"), env={"SHUTDOWN_GRACE": "0.5"}).shutdown_grace_s == 0.5
+    with pytest.raises(ConfigError, match=r"--shutdown-grace / SHUTDOWN_GRACE must be a number"):
+        from_args(_ns("--node-name", "n1", "--shutdown-grace", "soon"), env={})
+    with pytest.raises(ConfigError, match=r"--shutdown-grace / SHUTDOWN_GRACE -1 is out of range"):
+        parse(["--node-name", "n1", "--shutdown-grace", "-1"], env=TEST_ENV)

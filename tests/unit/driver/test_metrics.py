@@ -23,6 +23,7 @@ def registry() -> Iterator[m.Metrics]:
         published=lambda: ["gpu", "gpu", "mig-dynamic"],
         prepared=lambda: [["gpu"], ["mig-dynamic", "mig-dynamic"]],
         mps_daemons=lambda: 1,
+        publishing=lambda: (2, {"ApiError": 1}),
     )
     metrics.install()
     yield metrics
@@ -84,13 +85,13 @@ def test_requests_stages_and_errors_are_counted(registry: m.Metrics) -> None:
             pass
         with m.stage("lock_wait"):
             pass
-        registry.finished("prepare", 0.003, None)
+        registry.finished("prepare", None, 0.003, None)
     with m.stage("cdi_write"):  # outside an operation: not recorded
         pass
     registry.started("prepare")
-    registry.finished("prepare", 0.5, LockBusyError("busy"))
+    registry.finished("prepare", None, 0.5, LockBusyError("busy"))
     registry.started("unprepare")
-    registry.finished("unprepare", 0.5, PermanentClaimError("bad"))
+    registry.finished("unprepare", None, 0.5, PermanentClaimError("bad"))
     got = samples(registry)
     labels = (("driver", "gpu.nvidia.com"), ("operation", "prepare"))
     assert got[("nvidia_dra_requests_total", labels)] == 1
@@ -123,14 +124,12 @@ def test_requests_stages_and_errors_are_counted(registry: m.Metrics) -> None:
 
 
 def test_publish_health_and_taint_metrics(registry: m.Metrics) -> None:
-    registry.slice_sync(None)
-    registry.slice_sync(RuntimeError("etcd"))
     registry.faults_seen([Fault(FaultKind.XID, 48), Fault(FaultKind.GPU_LOST)])
     xid = DeviceTaint("gpu.nvidia.com/xid", "48", "NoSchedule")
     registry.taints_now({"gpu-0": (xid,), "gpu-0-mig-1g5gb-19-0": (xid,)})
     got = samples(registry)
     assert got[("gpu_dra_slice_publish_attempts_total", ())] == 2
-    assert got[("gpu_dra_slice_publish_errors_total", (("reason", "RuntimeError"),))] == 1
+    assert got[("gpu_dra_slice_publish_errors_total", (("reason", "ApiError"),))] == 1
     assert got[("gpu_dra_health_events_total", (("xid", "48"),))] == 1
     assert got[("gpu_dra_health_events_total", (("xid", "gpu-lost"),))] == 1
     assert got[("gpu_dra_device_taints", (("effect", "NoSchedule"), ("key", "gpu.nvidia.com/xid")))] == 2
