@@ -446,3 +446,19 @@ def test_publisher_retries_a_failed_taint_write(publisher_for: Any) -> None:
     assert publisher.wait_synced(10)
     assert any(isinstance(o, ApiError) for o in outcomes)
     assert outcomes[-1] is None
+
+
+def test_a_gpu_offered_as_shares_carries_its_taint_on_the_shared_device_and_validates() -> None:
+    from driver.shares import offer_shares, parse_share_mode
+
+    inventory = offer_shares(a100_inventory(2), parse_share_mode("4"))
+    shared = inventory.devices[0]
+    assert shared.allow_multiple_allocations
+    snapshot = Snapshot("n", device_health(inventory.devices, {Scope(shared.gpu_uuid): classify_xid(48)}), 1)
+    taints = snapshot_taints(snapshot)
+    assert taints == {shared.name: (DeviceTaint(XID, "48", "NoSchedule"),)}
+    slices = build_slices(inventory, NODE, DRIVER, NODE_UID, 36, taints=taints, taintable=True)
+    validate_pool(slices, 36)
+    (device,) = [d for d in slices[0]["spec"]["devices"] if d["name"] == shared.name]
+    assert device["allowMultipleAllocations"] is True
+    assert device["taints"] == [{"key": XID, "value": "48", "effect": "NoSchedule"}]
