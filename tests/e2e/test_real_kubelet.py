@@ -149,7 +149,7 @@ def test_the_kubelet_runs_as_its_node_and_leaves_the_host_alone(node_factory: No
     assert as_node(kubelet, "GET", f"/api/v1/nodes/{node.name}") == 200
 
     # Inside its namespace the kubelet sees the tunables it wants; the host keeps its own.
-    holder = kubelet._holder
+    holder = kubelet.holder
     assert holder is not None
     inside = subprocess.run(
         ["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "--", "cat", "/proc/sys/vm/overcommit_memory"],
