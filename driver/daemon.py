@@ -142,6 +142,8 @@ class Daemon:
     _static_fallback: bool = False
     _shares_fallback: bool = False
     _lost: bool = False
+    _pending_events: list[tuple[str, str, str]] = field(default_factory=list)
+    _events_lock: threading.Lock = field(default_factory=threading.Lock)
     _taint_sync: TaintSync | None = None
     _service: DraService | None = None
     _monitor: HealthMonitor | None = None
@@ -235,6 +237,11 @@ class Daemon:
             # Serve, refuse claims with the reason, and finish start-up once the cause is gone:
             # a crash loop would only hide the reason behind restarts.
             self.state.unavailable = problem
+            self._announce(
+                "Warning",
+                "CheckpointUnusable",
+                f"claims are refused until the plugin can record them: {problem}",
+            )
             threading.Thread(
                 target=self._recover, args=(nvml, checkpoint, ledger, sharing), name="recovery", daemon=True
             ).start()
@@ -414,6 +421,15 @@ class Daemon:
             self._quarantined = report.warnings[0]
         return checkpoint, report.problem
 
+    def _announce(self, event_type: str, reason: str, note: str) -> None:
+        """A Node Event now, or once the Event recorder runs (it starts after the sockets)."""
+        with self._events_lock:
+            events = self._events
+            if events is None:
+                self._pending_events.append((event_type, reason, note))
+        if events is not None:
+            events.node_event(event_type, reason, "StartPlugin", note)
+
     def _rebuild(
         self, nvml: Nvml, checkpoint: CheckpointStore, ledger: Ledger, sharing: SharingAction
     ) -> str | None:
@@ -448,6 +464,12 @@ class Daemon:
         except (DriverError, OSError) as exc:
             return f"the claims rebuilt from the node cannot be recorded: {exc}"
         self._lost = False
+        self._announce(
+            "Warning",
+            "OwnershipRebuilt",
+            f"the checkpoint was lost; {len(rebuilt.claims)} claim(s) rebuilt from the node (CDI specs, MPS "
+            "records, MIG marks); the kubelet's next prepare or unprepare of each completes or undoes it",
+        )
         log.warning(
             "checkpoint was lost; what the plugin owns was rebuilt from the node",
             claims={uid: c.state for uid, c in rebuilt.claims.items()},
@@ -496,6 +518,9 @@ class Daemon:
             state.reconcile()
             state.unavailable = None
             log.info("checkpoint usable again; serving claims", path=str(checkpoint.path))
+            self._announce(
+                "Normal", "CheckpointUsable", f"checkpoint {checkpoint.path} usable again; serving claims"
+            )
             return
 
     def _sharing(self) -> SharingAction:
@@ -629,7 +654,12 @@ class Daemon:
                 self._closers.append(events.stop)
                 if self._quarantined is not None:
                     events.checkpoint_quarantined(self._quarantined)
-            self._events = events
+            with self._events_lock:
+                self._events = events
+                pending, self._pending_events = self._pending_events, []
+            if events is not None:
+                for event_type, reason, note in pending:
+                    events.node_event(event_type, reason, "StartPlugin", note)
             mps = MpsWatch(
                 state.prepared_claims,
                 events.mps_daemon_died if events is not None else lambda *_: None,

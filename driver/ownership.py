@@ -53,6 +53,8 @@ log = structlog.get_logger(__name__)
 LEDGER_DIR = "owned"
 RECORD_VERSION = 1
 _GPU_NAME = re.compile(r"^gpu-(\d+)$")
+# A fractional share's CDI device: ``<device>-share-<share id>`` (``driver.state.cdi_name``).
+_SHARE_NAME = re.compile(r"^(gpu-\d+)-share-(.+)$")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -292,7 +294,7 @@ def _spec_devices(
             if device is None:
                 notes.append(f"device {ref.device} of claim {uid} is not on this node any more")
                 continue
-            devices.setdefault(uid, {})[device.device] = device
+            devices.setdefault(uid, {})[ref.device] = device
     return devices, completed
 
 
@@ -364,7 +366,8 @@ def _device(
     marks: Mapping[tuple[str, int, int], str],
     instances: Mapping[tuple[str, int, int], MigInstance],
 ) -> PreparedDevice | None:
-    full = _GPU_NAME.match(name)
+    share = _SHARE_NAME.match(name)
+    full = _GPU_NAME.match(share.group(1) if share is not None else name)
     if full is not None:
         gpu = by_minor.get(int(full.group(1)))
         if gpu is None:
@@ -372,10 +375,11 @@ def _device(
         return PreparedDevice(
             request_names=[],
             pool=pool,
-            device=name,
+            device=full.group(0),
             cdi_device_ids=[qualified_device_id(uid, name)],
             kind="gpu",
             gpu_uuid=gpu.uuid,
+            share_id=share.group(2) if share is not None else None,
         )
     parsed = parse_name(name)
     if parsed is None:

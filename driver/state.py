@@ -216,7 +216,7 @@ class DeviceState:
                 replace(
                     d,
                     request_names=[by_name[d.device].request],
-                    share_id=by_name[d.device].share_id,
+                    share_id=d.share_id or by_name[d.device].share_id,
                     admin_access=by_name[d.device].admin_access,
                 )
                 for d in rebuilt.devices
@@ -450,6 +450,10 @@ class DeviceState:
     def _undo(self, recorded: PreparedClaim) -> None:
         """Undo a completed prepare from recorded data only (the inventory may have changed)."""
         self._undo_sharing(recorded)
+        if is_rebuilt(recorded):
+            # Rebuilt from the node: its share records were in the lost checkpoint; the shares'
+            # own member files still name the claim.
+            self.shares.leave_claim(recorded.uid)
         for d in recorded.devices:
             with stage("mig_destroy" if d.mig is not None else "device_action"):
                 self.actions.get(d.kind, NO_ACTION).unprepare(d)

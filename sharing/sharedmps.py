@@ -319,7 +319,8 @@ class SharedMps:
     def _stop_if_unused(self, daemon: MpsDaemon) -> None:
         if not daemon.group_dir.exists() or self.members(daemon.uuids[0]):
             return
-        self._mps._stop_daemon(daemon)
+        # A daemon launched just before a crash writes its pid file a moment later: wait for it.
+        self._mps._stop_daemon(daemon, pid_grace_s=1.0)
         self._mps.smi.set_compute_mode(daemon.uuids[0], "DEFAULT")
         if self._mps.unmount_shm is not None and daemon.shm_dir.exists():
             self._mps.unmount_shm(daemon.shm_dir)

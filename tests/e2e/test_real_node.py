@@ -41,9 +41,8 @@ from driver.nvml.backend import Nvml
 from driver.nvml.fakestate import FakeState
 from tests.e2e.test_chart import Helm
 from tests.ground import images, peers
-from tests.ground.controlplane import ControlPlane, start_control_plane
-from tests.ground.driverroot import FakeDriverRoot, make_fake_driver_root
-from tests.ground.netrelay import EgressProxy
+from tests.ground.controlplane import ControlPlane
+from tests.ground.driverroot import FakeDriverRoot
 from tests.ground.node import (
     CHART,
     apply_manifests,
@@ -53,8 +52,7 @@ from tests.ground.node import (
     scenario_path,
     wait_for,
 )
-from tests.ground.realnode import RealNode, missing_capabilities
-from tests.ground.standins import install_standins
+from tests.ground.realnode import RealNode, bring_up, lay_out_fake_driver, missing_capabilities
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_runtime, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -132,44 +130,37 @@ def ground(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ground]:
         "a": images.plugin_image("a"),
         "b": images.plugin_image("b", {"gpu-dra.test/variant": "b"}),
     }
-    pause, busybox = images.pause_image(), images.busybox_image()
+    images.pause_image()
+    busybox = images.busybox_image()
     t_images = time.monotonic() - t0
     # Unix socket paths are short-limited: the node's dirs live under a short /tmp name.
     base = Path(tempfile.mkdtemp(prefix="gn", dir="/tmp"))
-    logs = tmp_path_factory.mktemp("realnode")
-    proxy = EgressProxy(base / "egress.sock")
-    egress_cfg = logs / "egress.yaml"
-    egress_cfg.write_text(EgressProxy.config_yaml(proxy.path))
-    cp = start_control_plane(
-        logs / "cp",
-        version=peers.k8s_version(),
-        extra_controllers=["daemonset-controller"],
-        apiserver_args=[f"--egress-selector-config-file={egress_cfg}"],
+    drivers: list[FakeDriverRoot] = []
+
+    def lay_out(node: RealNode) -> None:
+        driver = lay_out_fake_driver(node, GPUS, DRIVER_ROOT)
+        _seed_fake_gpus(node.plugins_dir / DRIVER_NAME, driver)
+        drivers.append(driver)
+
+    cp, node, proxy = bring_up(
+        base,
+        tmp_path_factory.mktemp("realnode"),
+        node_name=NODE,
+        labels={"nvidia.com/gpu.present": "true"},
+        node_images=list(plugin_images.values()),
+        before_start=lay_out,
     )
-    node: RealNode | None = None
     api = cp.api_client()
     try:
-        node = RealNode(
-            cp, NODE, base, logs / "node", egress=proxy, labels={"nvidia.com/gpu.present": "true"}
-        )
-        driver = make_fake_driver_root(node.host_path(DRIVER_ROOT), range(GPUS))
-        install_standins(driver.bin_dir, node.plugins_dir / DRIVER_NAME / "fake-nvml.json")
-        node.extra_dev = driver.dev_dir
-        _seed_fake_gpus(node.plugins_dir / DRIVER_NAME, driver)
-        node.start()
-        for img in (pause, busybox, *plugin_images.values()):
-            node.import_image(img)
-        node.wait_node_ready(api, timeout=WAIT_S)
-        helm = Helm(peers.helm_path(), cp.kubeconfig, logs / "helm", cp.version)
+        helm = Helm(peers.helm_path(), cp.kubeconfig, node.log_dir.parent / "helm", cp.version)
         print(f"\nreal node up in {time.monotonic() - t0:.1f}s (images {t_images:.1f}s)")
-        yield Ground(cp, node, api, helm, driver, plugin_images, busybox)
+        yield Ground(cp, node, api, helm, drivers[0], plugin_images, busybox)
     finally:
-        if node is not None:
-            node.stop()
+        node.stop()
         api.close()  # type: ignore[no-untyped-call]
         cp.stop()
         proxy.close()
-        left = node.leftovers() if node is not None else []
+        left = node.leftovers()
         shutil.rmtree(base, ignore_errors=True)
     assert left == [], f"the real node left this on the host: {left}"
 

@@ -56,6 +56,7 @@ _MIG = "driver.nvml.mig"
 _CP = "driver.checkpoint"
 _CDI = "cdi.store"
 _MPS = "sharing.mps"
+_SHARED = "sharing.sharedmps"
 
 #: The named steps, in the order a prepare (then an unprepare) passes them.
 POINTS: dict[str, CrashPoint] = {
@@ -68,6 +69,8 @@ POINTS: dict[str, CrashPoint] = {
     "mps-after-ready": CrashPoint(_MPS, "MpsManager", "_wait_ready", "after"),
     "ts-after-apply": CrashPoint("sharing.timeslicing", "TimeSlicer", "apply", "after"),
     "after-sharing": CrashPoint("driver.gpusharing", "GpuSharing", "apply", "after"),
+    "share-before-join": CrashPoint(_SHARED, "SharedMps", "join", "before"),
+    "share-after-join": CrashPoint(_SHARED, "SharedMps", "join", "after"),
     "after-cdi": CrashPoint(_CDI, "CdiStore", "write_claim_spec", "after"),
     "before-complete": CrashPoint(_CP, "CheckpointStore", "put", "before", _completed),
     "after-complete": CrashPoint(_CP, "CheckpointStore", "put", "after", _completed),
@@ -76,6 +79,7 @@ POINTS: dict[str, CrashPoint] = {
     "unprepare-after-ci-destroy": CrashPoint(_MIG, "NvmlMigBackend", "destroy_ci", "after"),
     "unprepare-after-gi-destroy": CrashPoint(_MIG, "NvmlMigBackend", "destroy_gi", "after"),
     "unprepare-after-mps-stop": CrashPoint(_MPS, "MpsManager", "stop", "after"),
+    "unprepare-after-share-leave": CrashPoint(_SHARED, "SharedMps", "leave", "after"),
     "unprepare-after-cdi-remove": CrashPoint(_CDI, "CdiStore", "remove_claim_spec", "after"),
     "unprepare-before-checkpoint": CrashPoint(_CP, "CheckpointStore", "remove", "before"),
 }

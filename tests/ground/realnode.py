@@ -39,12 +39,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from kubernetes import client as kclient
 
 from tests.ground import peers
 from tests.ground.controlplane import ControlPlane
+from tests.ground.driverroot import FakeDriverRoot
 from tests.ground.images import Image
 from tests.ground.netrelay import EgressProxy, Relay
 from tests.ground.realkubelet import KUBELET_SYSCTLS, KubeletNodeError, RealKubelet
@@ -482,6 +484,11 @@ state = "/run/containerd"
             raise KubeletNodeError(f"ctr {' '.join(args)} failed on {self.node_name}: {proc.stderr.strip()}")
         return proc
 
+    def ctr_argv_hint(self) -> str:
+        """The ctr command line for this node's containerd, for people."""
+        ctr = self._bins["containerd"] / "ctr"
+        return f"{ctr} --address {self.host_path(CONTAINERD_SOCKET)} -n k8s.io"
+
     def import_image(self, image: Image) -> None:
         """``ctr -n k8s.io images import`` of an OCI archive (unpacked for the overlayfs snapshotter)."""
         self.ctr(
@@ -571,6 +578,12 @@ state = "/run/containerd"
             if base in line or self.cgroup_parent in line:
                 out.append(f"mount: {line}")
         out += [f"cgroup: {d}" for d in self._cgroup_dirs()]
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
+        out += [
+            f"host interface: {line}"
+            for line in links.splitlines()
+            if re.search(r": (cni0|gdn[01])[@:]", line)
+        ]
         if self.root.exists():
             out.append(f"node root still on disk: {self.root}")
         return out
@@ -600,4 +613,114 @@ def wait_for(what: str, check: Any, timeout: float = 60.0, interval: float = 0.2
         time.sleep(interval)
 
 
-__all__ = ["NODE_IP", "RealNode", "missing_capabilities", "wait_for"]
+FAKE_DRIVER_ROOT = "/var/lib/gpu-dra-test/driver"
+
+
+def lay_out_fake_driver(node: RealNode, gpus: int = 8, driver_root: str = FAKE_DRIVER_ROOT) -> FakeDriverRoot:
+    """A fake driver install inside the node (its nodes also in the node's /dev, the nvidia-smi
+    stand-ins on the plugin's default fake state file); call before :meth:`RealNode.start`."""
+    from tests.ground.driverroot import make_fake_driver_root
+    from tests.ground.standins import install_standins
+
+    driver = make_fake_driver_root(node.host_path(driver_root), range(gpus))
+    install_standins(driver.bin_dir, node.plugins_dir / "gpu.nvidia.com" / "fake-nvml.json")
+    node.extra_dev = driver.dev_dir
+    return driver
+
+
+def bring_up(
+    workdir: Path,
+    log_dir: Path | None = None,
+    *,
+    node_name: str = "gpu-node-0",
+    labels: Mapping[str, str] | None = None,
+    node_images: Sequence[Image] = (),
+    before_start: Callable[[RealNode], object] | None = None,
+) -> tuple[ControlPlane, RealNode, EgressProxy]:
+    """A control plane (with the daemonset controller and the egress proxy) and one Ready real node
+    with the pause and busybox images and ``node_images`` imported (default: the plugin's image as
+    ``dev``): what the real_runtime tests stand on. ``workdir`` must be short (socket paths);
+    ``before_start`` lays out node files (a fake driver root) before the node starts."""
+    from tests.ground import images
+    from tests.ground.controlplane import start_control_plane
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = log_dir or workdir / "logs"
+    proxy = EgressProxy(workdir / "egress.sock")
+    (workdir / "egress.yaml").write_text(EgressProxy.config_yaml(proxy.path))
+    cp = start_control_plane(
+        logs / "cp",
+        version=peers.k8s_version(),
+        extra_controllers=["daemonset-controller"],
+        apiserver_args=[f"--egress-selector-config-file={workdir / 'egress.yaml'}"],
+    )
+    node = RealNode(cp, node_name, workdir / "n", logs / "node", egress=proxy, labels=labels)
+    try:
+        if before_start is not None:
+            before_start(node)
+        node.start()
+        for img in (
+            images.pause_image(),
+            images.busybox_image(),
+            *(node_images or [images.plugin_image("dev")]),
+        ):
+            node.import_image(img)
+        api = cp.api_client()
+        try:
+            node.wait_node_ready(api, timeout=120)
+        finally:
+            api.close()  # type: ignore[no-untyped-call]
+    except BaseException:
+        node.stop()
+        cp.stop()
+        proxy.close()
+        raise
+    return cp, node, proxy
+
+
+def main() -> int:
+    """``python -m tests.ground.realnode``: bring a real node up by hand; Enter (or Ctrl-C) stops it."""
+    import tempfile
+
+    missing = missing_capabilities()
+    if missing:
+        print(f"cannot run a real node here: {missing}")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="gn", dir="/tmp"))
+    cp, node, proxy = bring_up(
+        workdir, labels={"nvidia.com/gpu.present": "true"}, before_start=lay_out_fake_driver
+    )
+    print(
+        f"node gpu-node-0 is Ready.\n"
+        f"  export KUBECONFIG={cp.kubeconfig}\n"
+        f"  helm: {peers.helm_path()}   ctr: {node.ctr_argv_hint()}\n"
+        f"  images: {images_hint()}\n"
+        f"  chart values: kubeletDirs.registrar={node.registry_dir} "
+        f"kubeletDirs.plugins={node.plugins_dir} nvidiaDriverRoot={FAKE_DRIVER_ROOT}\n"
+        f"  logs: {node.log_dir}\n"
+        "press Enter to stop"
+    )
+    try:
+        input()
+    except (KeyboardInterrupt, EOFError):
+        pass
+    finally:
+        node.stop()
+        cp.stop()
+        proxy.close()
+        left = node.leftovers()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("stopped; left on the host:", left or "nothing")
+    return 0
+
+
+def images_hint() -> str:
+    from tests.ground import images
+
+    return f"{images.PLUGIN_REPOSITORY}:dev (pullPolicy Never), {images.BUSYBOX_REF}"
+
+
+__all__ = ["NODE_IP", "RealNode", "bring_up", "missing_capabilities", "wait_for"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

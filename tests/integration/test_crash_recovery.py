@@ -705,3 +705,101 @@ def test_a_prepare_outlasting_the_grace_is_abandoned_and_rolled_back(nodes: Call
     assert node.assert_consistent() == {}
     assert node.compute_modes() == {"DEFAULT"}
     plugin.stop()
+
+
+# ---- fractional shares: one MPS daemon per GPU, kill -9 at every step ------------------------------
+
+SHARE_POINTS = [
+    "share-before-join",
+    "mps-after-launch",
+    "mps-after-ready",
+    "share-after-join",
+    "before-complete",
+]
+
+
+def share_claim(uid: str, device: str) -> dict[str, Any]:
+    """A claim allocated a 10Gi share of ``device``, as the scheduler writes it."""
+    claim = claim_for(uid, device)
+    result = claim["status"]["allocation"]["devices"]["results"][0]
+    result["shareID"] = f"0000000{len(uid)}-aaaa-4bbb-8ccc-{uid[-12:].rjust(12, '0')}"
+    result["consumedCapacity"] = {"memory": "10Gi"}
+    return claim
+
+
+def share_members(node: Node) -> set[str]:
+    return {p.name.split("_", 1)[0] for p in node.mps_root.glob("shared-*/members/*.json")}
+
+
+@pytest.mark.parametrize("neighbour", [True, False], ids=["beside-a-share", "alone"])
+@pytest.mark.parametrize("point", SHARE_POINTS)
+def test_share_prepare_killed_at_every_step_leaves_no_daemon_without_a_share(
+    nodes: Callable[..., Node], point: str, neighbour: bool
+) -> None:
+    """kill -9 inside the prepare of a share: after restart the interrupted share is gone, a
+    neighbour share on the same GPU keeps its daemon (same pid) and its limits, a daemon nobody
+    uses is stopped, and the share prepares again."""
+    if neighbour and point in ("mps-after-launch", "mps-after-ready"):
+        pytest.skip("beside a running daemon no daemon is launched")
+    node = nodes("a100-40gb-x8", mps=True)
+    keep = node.put(share_claim("uid-keep-000001", "gpu-0"))
+    target = node.put(share_claim("uid-target-0002", "gpu-0"))
+    before: list[int] = []
+    if neighbour:
+        plugin = node.start().wait_ready()
+        plugin.prepare(keep)
+        plugin.stop()
+        before = node.mps_daemon_pids()
+    node.start(crash_at=point, crash_claim="uid-target-0002").wait_ready().call_into_crash(
+        "prepare", target, point
+    )
+
+    plugin = node.start().wait_ready()
+    claims = node.assert_consistent()
+    assert set(claims) == ({"uid-keep-000001"} if neighbour else set())
+    assert share_members(node) == set(claims)
+    started = node.mps_daemon_pids()
+    if neighbour:
+        assert started == before, "the neighbour's daemon is neither restarted nor doubled"
+        assert alive(before[0])
+        assert node.compute_modes() == {"EXCLUSIVE_PROCESS", "DEFAULT"}
+    else:
+        poll(lambda: not any(alive(p) for p in started), "the unused daemon to stop")
+        assert node.compute_modes() == {"DEFAULT"}
+        assert not node.mps_root.exists() or list(node.mps_root.iterdir()) == []
+
+    (cdi_id,) = plugin.prepare(target)
+    assert "-gpu-0-share-" in cdi_id
+    assert share_members(node) == set(claims) | {"uid-target-0002"}
+    plugin.unprepare(target)
+    if neighbour:
+        plugin.unprepare(keep)
+    poll(lambda: not any(alive(p) for p in node.mps_daemon_pids()), "the last share's daemon to stop")
+    assert node.compute_modes() == {"DEFAULT"}
+    plugin.stop()
+
+
+def test_share_unprepare_killed_after_leaving_is_finished_by_the_retry(nodes: Callable[..., Node]) -> None:
+    """kill -9 after a share left its GPU but before its checkpoint entry went: the neighbour keeps
+    the daemon, and the kubelet's retry of the unprepare finishes without touching it."""
+    node = nodes("a100-40gb-x8", mps=True)
+    keep = node.put(share_claim("uid-keep-000001", "gpu-0"))
+    target = node.put(share_claim("uid-target-0002", "gpu-0"))
+    plugin = node.start().wait_ready()
+    plugin.prepare(keep)
+    plugin.prepare(target)
+    plugin.stop()
+    (pid,) = node.mps_daemon_pids()
+    point = "unprepare-after-share-leave"
+    node.start(crash_at=point, crash_claim="uid-target-0002").wait_ready().call_into_crash(
+        "unprepare", target, point
+    )
+    plugin = node.start().wait_ready()
+    assert alive(pid)
+    assert share_members(node) == {"uid-keep-000001"}
+    plugin.unprepare(target)
+    assert set(node.assert_consistent()) == {"uid-keep-000001"}
+    assert alive(pid) and node.mps_daemon_pids() == [pid]
+    plugin.unprepare(keep)
+    poll(lambda: not alive(pid), "the last share's daemon to stop")
+    plugin.stop()

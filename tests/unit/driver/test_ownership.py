@@ -120,3 +120,62 @@ def test_forget_and_sweep_remove_only_their_records(tmp_path: Path) -> None:
     removed = ledger.sweep(known={"uid-b"})
     assert [p.name for p in removed] == ["ts-uid-c.json"]
     assert set(ledger.sharing_records()) == {"uid-b"}
+
+
+def test_fractional_shares_come_back_as_their_gpu_with_the_share_id(tmp_path: Path) -> None:
+    cdi = CdiStore(tmp_path / "cdi")
+    _spec(cdi, "uid-sh", "gpu-1-share-a1", "gpu-1-share-b2")
+    out = rebuild(
+        pool="node-a",
+        cdi=cdi,
+        ledger=Ledger(tmp_path / "owned"),
+        gpus=[Gpu(0, GPU0), Gpu(1, GPU1)],
+        mig=None,
+        mps=None,
+        dynamic_mig=False,
+    )
+    devices = sorted(out.claims["uid-sh"].devices, key=lambda d: str(d.share_id))
+    assert [(d.device, d.share_id, d.gpu_uuid) for d in devices] == [
+        ("gpu-1", "a1", GPU1),
+        ("gpu-1", "b2", GPU1),
+    ]
+    assert [d.cdi_device_ids for d in devices] == [
+        ["k8s.gpu.nvidia.com/claim=uid-sh-gpu-1-share-a1"],
+        ["k8s.gpu.nvidia.com/claim=uid-sh-gpu-1-share-b2"],
+    ]
+
+
+def test_start_up_conditions_reach_the_node_events_once_the_recorder_runs() -> None:
+    """Issue 17: an unusable checkpoint, a rebuild and the recovery are Node Events; those raised
+    before the Event recorder started are held and sent when it does."""
+    from driver import config
+    from driver.daemon import Daemon
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[tuple[str, str, str, str]] = []
+
+        def node_event(self, event_type: str, reason: str, action: str, note: str) -> None:
+            self.sent.append((event_type, reason, action, note))
+
+    daemon = Daemon(
+        config.parse(
+            [
+                "--node-name",
+                "n",
+                "--nvml-backend",
+                "fake",
+                "--fake-topology",
+                "a100-40gb-x8",
+                "--no-publish",
+                "--fake-claims-dir",
+                "/x",
+            ]
+        )
+    )
+    daemon._announce("Warning", "CheckpointUnusable", "directory /s is full")
+    assert daemon._pending_events == [("Warning", "CheckpointUnusable", "directory /s is full")]
+    recorder = Recorder()
+    daemon._events = recorder  # type: ignore[assignment]
+    daemon._announce("Normal", "CheckpointUsable", "usable again")
+    assert recorder.sent == [("Normal", "CheckpointUsable", "StartPlugin", "usable again")]
