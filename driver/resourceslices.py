@@ -1386,7 +1386,7 @@ class SlicePublisher:
             return False
         self._reported_dropped.update(new)
         log.error(
-            "api server drops partitionable-device or consumable-capacity fields (is "
+            "api server drops partitionable-device fields or consumable-capacity fields (is "
             "DRAPartitionableDevices or DRAConsumableCapacity off?); nothing with them is published",
             fields=list(new),
         )

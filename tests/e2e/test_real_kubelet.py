@@ -14,11 +14,14 @@ What it does not do: run containers (fakecri keeps records), or test the emulato
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -149,7 +152,7 @@ def test_the_kubelet_runs_as_its_node_and_leaves_the_host_alone(node_factory: No
     assert as_node(kubelet, "GET", f"/api/v1/nodes/{node.name}") == 200
 
     # Inside its namespace the kubelet sees the tunables it wants; the host keeps its own.
-    holder = kubelet._holder
+    holder = kubelet.holder
     assert holder is not None
     inside = subprocess.run(
         ["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "--", "cat", "/proc/sys/vm/overcommit_memory"],
@@ -350,3 +353,82 @@ def test_on_a_cluster_of_real_kubelets_the_node_lifecycle_controller_lifts_the_n
         api.close()
         cp.stop()
         shutil.rmtree(run, ignore_errors=True)
+
+
+_CHILD = """
+import json, sys, tempfile
+from pathlib import Path
+from tests.ground.controlplane import ControlPlane, Pki
+from tests.ground.realkubelet import RealKubelet
+spec = json.loads(sys.argv[1])
+pki = Pki(**{k: Path(v) for k, v in spec["pki"].items()})
+cp = ControlPlane(spec["version"], spec["server"], Path(spec["kubeconfig"]), Path(spec["workdir"]), pki)
+kubelet = RealKubelet(cp, spec["node"], Path(spec["run"]), Path(spec["logs"]))
+kubelet.start()
+print(json.dumps([kubelet.holder.pid, kubelet._cri.pid, kubelet._kubelet.pid]), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_test_process_takes_the_kubelet_and_its_namespace_with_it(
+    control_plane: Any, tmp_path: Path
+) -> None:
+    """SIGKILL of the process that started the node: no kubelet, fakecri or holder survives it
+    (the parent-death signal), so no mount namespace is left behind either."""
+    run = Path(tempfile.mkdtemp(prefix="grk-", dir="/tmp"))
+    spec = {
+        "version": control_plane.version,
+        "server": control_plane.server,
+        "kubeconfig": str(control_plane.kubeconfig),
+        "workdir": str(control_plane.workdir),
+        "pki": {k: str(v) for k, v in vars(control_plane.pki).items()},
+        "node": "rk-orphan",
+        "run": str(run),
+        "logs": str(tmp_path / "kubelet"),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(spec)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    pids: list[int] = []
+    try:
+        assert child.stdout is not None
+        # The child's logs go to stdout too; its one JSON list is the pids.
+        line = b""
+        while not line.startswith(b"[") and child.poll() is None:
+            line = child.stdout.readline()
+        pids = json.loads(line or b"[]")
+        assert len(pids) == 3, "the child did not start the kubelet"
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+        child.kill()
+        child.wait(timeout=30)
+
+        def all_gone() -> bool:
+            return not any(_alive(pid) for pid in pids)
+
+        wait_for(all_gone, WAIT_S, f"kubelet, fakecri and holder {pids} to die with their parent")
+        pids = []  # gone: their numbers may belong to someone else's processes by now
+    finally:
+        if child.poll() is None:
+            child.kill()
+        for pid in pids:  # only if the test failed: nothing may outlive it
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(kclient.ApiException):
+            api: Any = control_plane.api_client()
+            try:
+                kclient.CoreV1Api(api).delete_node("rk-orphan")
+            finally:
+                api.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

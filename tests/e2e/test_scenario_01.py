@@ -1,8 +1,8 @@
 """Scenario 01: a GPU chosen by description (architecture and memory), not by count.
 
 tests/data/scenarios/01-attribute-selection/expect.md, on the real control plane with nodes
-gpu-a100 (8x A100-SXM4-40GB) and gpu-t4 (4x T4), for the real kubelet (DRA v1) and the emulator
-playing a 1.32 kubelet (v1beta1 only). One flow covers both halves of the expectation: with only
+gpu-a100 (8x A100-SXM4-40GB) and gpu-t4 (4x T4), for the real kubelet (DRA v1) and a real 1.32
+kubelet (v1beta1 only). One flow covers both halves of the expectation: with only
 gpu-t4 the pod stays Pending and nothing is allocated there; once gpu-a100 joins, the pod lands on it,
 is prepared with one GPU whose CDI device resolves to that GPU's device node plus the control
 nodes, and deleting the Deployment unprepares the claim.
@@ -42,9 +42,9 @@ CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
     [
-        pytest.param(KUBELET_134_SERVICES, id="real-kubelet", marks=pytest.mark.real_kubelet),
-        # No v1beta1-only (1.32) kubelet is built here: the emulator plays one (see tests.ground.node).
-        pytest.param(KUBELET_132_SERVICES, id="emulated-kubelet-1.32-v1beta1"),
+        pytest.param(KUBELET_134_SERVICES, id="real-kubelet-v1", marks=pytest.mark.real_kubelet),
+        # The pinned real 1.32 kubelet (pins.env K8S_KUBELET_V1BETA1), which knows only v1beta1.
+        pytest.param(KUBELET_132_SERVICES, id="real-kubelet-1.32-v1beta1", marks=pytest.mark.real_kubelet),
     ],
 )
 

@@ -2,7 +2,7 @@
 
 tests/data/scenarios/05-high-memory-class/expect.md, on the real control plane with nodes
 gpu-a100-80 (4x A100-SXM4-80GB) and gpu-a100 (8x A100-SXM4-40GB), for the real kubelet (DRA v1)
-and the emulator playing a 1.32 kubelet (v1beta1 only): the Job's pod lands on gpu-a100-80 with one 80 GB
+and a real 1.32 kubelet (v1beta1 only): the Job's pod lands on gpu-a100-80 with one 80 GB
 card, and the class as the source article wrote it (``memory >= quantity("40Gi")``) is refused
 by the real API server with the CEL compile error.
 """
@@ -38,9 +38,9 @@ WAIT_S = 90.0
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
     [
-        pytest.param(KUBELET_134_SERVICES, id="real-kubelet", marks=pytest.mark.real_kubelet),
-        # No v1beta1-only (1.32) kubelet is built here: the emulator plays one (see tests.ground.node).
-        pytest.param(KUBELET_132_SERVICES, id="emulated-kubelet-1.32-v1beta1"),
+        pytest.param(KUBELET_134_SERVICES, id="real-kubelet-v1", marks=pytest.mark.real_kubelet),
+        # The pinned real 1.32 kubelet (pins.env K8S_KUBELET_V1BETA1), which knows only v1beta1.
+        pytest.param(KUBELET_132_SERVICES, id="real-kubelet-1.32-v1beta1", marks=pytest.mark.real_kubelet),
     ],
 )
 
@@ -115,7 +115,7 @@ def test_job_lands_on_an_a100_80gb(node_factory: NodeFactory, kubelet: tuple[str
 
     # The trainer finishes: the kubelet unprepares the claim of the completed pod.
     big.kubelet.complete_pod(NS, pod["metadata"]["name"])
-    # The emulator records a call once the answer is back; the checkpoint changes before that.
+    # The kubelet records a call once the answer is back; the checkpoint changes before that.
     unprepares = wait_for(
         lambda: [c for c in big.kubelet.calls if c.method == UNPREPARE],
         WAIT_S,

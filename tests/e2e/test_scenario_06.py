@@ -1,8 +1,8 @@
 """Scenario 06: two pods share one named ResourceClaim, one GPU, no sharing configuration.
 
 tests/data/scenarios/06-shared-inference/expect.md, on the real control plane with the simulated
-node gpu-h100 (8x H100 80GB HBM3), for the real kubelet (DRA v1) and the emulator playing a
-1.32 kubelet (v1beta1 only): both pods land on gpu-h100 with the same CDI device; the claim is prepared once
+node gpu-h100 (8x H100 80GB HBM3), for the real kubelet (DRA v1) and a real 1.32
+kubelet (v1beta1 only): both pods land on gpu-h100 with the same CDI device; the claim is prepared once
 and unprepared only after the second pod is gone; a repeated unprepare succeeds and does
 nothing; the GPU itself is never touched (no compute-mode or time-slice change, no tool run).
 """
@@ -37,9 +37,9 @@ WAIT_S = 90.0
 KUBELETS = pytest.mark.parametrize(
     "kubelet",
     [
-        pytest.param(KUBELET_134_SERVICES, id="real-kubelet", marks=pytest.mark.real_kubelet),
-        # No v1beta1-only (1.32) kubelet is built here: the emulator plays one (see tests.ground.node).
-        pytest.param(KUBELET_132_SERVICES, id="emulated-kubelet-1.32-v1beta1"),
+        pytest.param(KUBELET_134_SERVICES, id="real-kubelet-v1", marks=pytest.mark.real_kubelet),
+        # The pinned real 1.32 kubelet (pins.env K8S_KUBELET_V1BETA1), which knows only v1beta1.
+        pytest.param(KUBELET_132_SERVICES, id="real-kubelet-1.32-v1beta1", marks=pytest.mark.real_kubelet),
     ],
 )
 

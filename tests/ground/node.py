@@ -6,9 +6,9 @@ server, scheduler and kubelet. A :class:`SimulatedNode` is everything a GPU node
 fake NVML topology and its state file, a fake driver root with the ``nvidia-smi`` /
 ``nvidia-cuda-mps-control`` stand-ins, the real ``python -m driver plugin`` process, and a kubelet
 preparing what the scheduler allocated. That kubelet is the real one over a fake CRI runtime
-(tests.ground.realkubelet; it registers the Node itself) unless a test asks for the emulator
-(tests.ground.kubelet), which only tests that inject kubelet-side faults, or need a kubelet
-release that is not built here (a v1beta1-only 1.32 kubelet), should do. The plugin authenticates
+(tests.ground.realkubelet; it registers the Node itself; a node asking for a v1beta1-only kubelet
+gets the pinned 1.32 release) unless a test asks for the emulator (tests.ground.kubelet), which
+only tests that inject kubelet-side faults should do. The plugin authenticates
 with a token of the Helm chart's ServiceAccount bound to a placeholder Pod on its node (the token
 then carries the node name), so the chart's RBAC and admission policy are exercised by every e2e
 test.
@@ -48,7 +48,7 @@ from driver.nvml.topology import load_topology
 from tests.ground import peers
 from tests.ground.controlplane import ControlPlane
 from tests.ground.driverroot import FakeDriverRoot, make_fake_driver_root
-from tests.ground.kubelet import KUBELET_134_SERVICES, KubeletEmulator
+from tests.ground.kubelet import KUBELET_132_SERVICES, KUBELET_134_SERVICES, KubeletEmulator
 from tests.ground.realkubelet import RealKubelet
 from tests.ground.standins import install_standins, read_gpu_state, read_journal
 
@@ -385,14 +385,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def v1beta1_kubelet_version() -> str | None:
+    """The release of the real v1beta1-only kubelet (pins.env K8S_KUBELET_V1BETA1), if pinned."""
+    return peers.pins().get("K8S_KUBELET_V1BETA1") or None
+
+
 def kubelet_for(kubelet_services: Sequence[str], kubelet: str | None) -> str:
-    """The kubelet a node gets: ``kubelet`` if given, else the real one unless the services ask
-    for an older kubelet than the one built here (a v1beta1-only 1.32 kubelet: the emulator)."""
+    """The kubelet a node gets: ``kubelet`` if given, else the real one: the primary release for
+    DRA v1 (``KUBELET_134_SERVICES``), the pinned 1.32 release for v1beta1 only; the emulator for
+    any other service list, or v1beta1 only when no 1.32 kubelet is pinned."""
     if kubelet is not None:
         if kubelet not in (REAL_KUBELET, EMULATED_KUBELET):
             raise ValueError(f"kubelet={kubelet!r}: pick {REAL_KUBELET!r} or {EMULATED_KUBELET!r}")
         return kubelet
-    return REAL_KUBELET if tuple(kubelet_services) == KUBELET_134_SERVICES else EMULATED_KUBELET
+    services = tuple(kubelet_services)
+    if services == KUBELET_134_SERVICES or (services == KUBELET_132_SERVICES and v1beta1_kubelet_version()):
+        return REAL_KUBELET
+    return EMULATED_KUBELET
 
 
 class SimulatedNode:
@@ -444,6 +453,8 @@ class SimulatedNode:
         self.api = control_plane.api_client()
         self.kubelet: RealKubelet | KubeletEmulator
         if self.kubelet_kind == REAL_KUBELET:
+            if kubelet_version is None and self.kubelet_services == KUBELET_132_SERVICES:
+                kubelet_version = v1beta1_kubelet_version()
             self.kubelet = RealKubelet(
                 control_plane,
                 name,

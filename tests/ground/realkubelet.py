@@ -97,7 +97,10 @@ _LINE = re.compile(
     r'^[IWEF]\d{4} [\d:.]+\s+\d+ (?P<file>[\w.]+):\d+\] "(?P<msg>(?:[^"\\]|\\.)*)"(?P<rest>.*)$'
 )
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+# A claim in a logged request: prototext (1.33+) or the gogo-style String() of 1.32.
 _CLAIM = re.compile(r'namespace:"([^"]*)"\s+uid:"([^"]*)"\s+name:"([^"]*)"')
+_CLAIM_132 = re.compile(r"&Claim\{Namespace:([^,]*),UID:([^,]*),Name:([^,]*),\}")
+_ERROR_132 = re.compile(r"Error:(.*?),\},")
 
 
 def kubelet_feature_gates(version: str) -> dict[str, bool]:
@@ -416,6 +419,11 @@ class RealKubelet:
         )
 
     @property
+    def holder(self) -> subprocess.Popen[bytes] | None:
+        """The process holding the kubelet's mount namespace (``/proc/<pid>/ns/mnt``)."""
+        return self._holder
+
+    @property
     def kubelet_running(self) -> bool:
         return self._kubelet is not None and self._kubelet.poll() is None
 
@@ -543,11 +551,19 @@ class RealKubelet:
         elif line.msg == "Connection changed":
             rec.connected[endpoint] = v.get("connected") == "true"
         elif line.msg.startswith("Calling Node") and line.msg.endswith("rpc"):
+            if not endpoint and rec.registrations:
+                driver, endpoint = rec.registrations[-1].driver, rec.registrations[-1].endpoint
             method = PREPARE if "Prepare" in line.msg and "Unprepare" not in line.msg else UNPREPARE
-            sent = tuple((ns, uid, name) for ns, uid, name in _CLAIM.findall(v.get("request", "")))
+            request = v.get("request", "")
+            sent = tuple(
+                (ns, uid, name) for ns, uid, name in _CLAIM.findall(request) + _CLAIM_132.findall(request)
+            )
             rec.pending.append((method, endpoint, sent))
         elif line.msg.startswith("Done calling Node"):
             method = UNPREPARE if "Unprepare" in line.msg else PREPARE
+            if not endpoint and rec.registrations:
+                # 1.32 logs calls without driver and endpoint; it keeps one instance per driver.
+                driver, endpoint = rec.registrations[-1].driver, rec.registrations[-1].endpoint
             found = next((p for p in rec.pending if p[0] == method and p[1] == endpoint), None)
             claims: tuple[ClaimRef, ...] = ()
             if found is not None:
@@ -556,7 +572,11 @@ class RealKubelet:
             err = v.get("err", "")
             err = "" if err in ("<nil>", "null") else err
             if not err:
-                err = "; ".join(re.findall(r'error:"((?:[^"\\]|\\.)*)"', v.get("response", "")))
+                response = v.get("response", "")
+                found_errors = re.findall(r'error:"((?:[^"\\]|\\.)*)"', response) + _ERROR_132.findall(
+                    response
+                )
+                err = "; ".join(e for e in found_errors if e)
             service = next((r.service for r in reversed(rec.registrations) if r.endpoint == endpoint), "")
             rec.calls.append(CallRecord(method, driver, service, endpoint, claims, err, time.time()))
         elif line.msg == "Deleted ResourceSlices":

@@ -32,8 +32,8 @@ from tests.integration.test_crash_recovery import (
 )
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("unshare") is None or os.geteuid() != 0,
-    reason="needs root and util-linux unshare for a private mount namespace",
+    shutil.which("unshare") is None or shutil.which("nsenter") is None or os.geteuid() != 0,
+    reason="needs root and util-linux unshare/nsenter for a private mount namespace",
 )
 
 # Inside the namespace: mount the tmpfs, seed it, optionally fill it, then become the plugin.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real test peers from Go modules, pinned, cached by version under ~/.cache.
-# Usage: tests/peers/build.sh [k8s|kubelet|k8s-resolve|helm|mocknvml|cdi|containerd|runc|cni|pause|node|promtool|all] ...   (default: all)
+# Usage: tests/peers/build.sh [k8s|kubelet|kubelet-v1beta1|k8s-resolve|helm|mocknvml|cdi|containerd|runc|cni|pause|node|
+#        promtool|all] ... (default: all). kubelet-v1beta1: the 1.32 kubelet of K8S_KUBELET_V1BETA1.
 #        k8s-resolve only checks that K8S_VERSION's modules resolve (no build).
 # Env:   K8S_VERSION (default from pins.env), GPU_DRA_PEERS_CACHE (default ~/.cache/gpu-dra/peers)
 set -euo pipefail
@@ -401,6 +402,7 @@ for t in "${targets[@]}"; do
   case $t in
     k8s) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION" ;;
     kubelet) build_kubelet "$K8S_VERSION" ;;
+    kubelet-v1beta1) build_kubelet "$K8S_KUBELET_V1BETA1" ;;
     k8s-resolve) k8s_resolve "$K8S_VERSION" ;;
     helm) build_helm ;;
     cdi) build_cdi ;;
@@ -411,7 +413,9 @@ for t in "${targets[@]}"; do
     pause) build_pause "$K8S_VERSION" ;;
     node) build_node ;;
     promtool) build_promtool ;;
-    all) build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_helm; build_cdi; build_mocknvml; build_node; build_promtool ;;
-    *) echo "unknown peer '$t' (want k8s, kubelet, k8s-resolve, helm, cdi, mocknvml, containerd, runc, cni, pause, node, promtool or all)" >&2; exit 2 ;;
+    all)
+      build_k8s "$K8S_VERSION"; build_kubelet "$K8S_VERSION"; build_kubelet "$K8S_KUBELET_V1BETA1"
+      build_helm; build_cdi; build_mocknvml; build_node; build_promtool ;;
+    *) echo "unknown peer '$t' (want k8s, kubelet, kubelet-v1beta1, k8s-resolve, helm, cdi, mocknvml, containerd, runc, cni, pause, node, promtool or all)" >&2; exit 2 ;;
   esac
 done
