@@ -140,6 +140,8 @@ class RealNode(RealKubelet):
         self.containerd_log = self.log_dir / "containerd.log"
         self.cgroup_parent = f"/gpu-dra-node-{node_name}"
         self._containerd: subprocess.Popen[bytes] | None = None
+        self._init_pid = 0  # host PID of the node's PID-namespace init (the holder's child)
+        self._container_ids: set[str] = set()
         self._relays: list[Relay] = []
         self._bins = {
             "containerd": peers.containerd_bin_dir(),
@@ -164,13 +166,14 @@ class RealNode(RealKubelet):
 
     @property
     def netns(self) -> Path:
-        assert self._holder is not None
-        return Path(f"/proc/{self._holder.pid}/ns/net")
+        assert self._init_pid
+        return Path(f"/proc/{self._init_pid}/ns/net")
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Lay out the root, start holder, relays, containerd and the kubelet (not yet Ready)."""
+        sweep_stale_cgroups()
         try:
             for d in (
                 self.run_dir,
@@ -388,8 +391,22 @@ state = "/run/containerd"
         ]
         from tests.ground.realkubelet import _die_with_parent
 
+        # A PID namespace too, whose init dies with unshare (--kill-child): if the test process is
+        # killed, the parent-death signal ends unshare and with it every process of the node
+        # (containerd's shims and the containers included), so the namespaces and mounts go.
         self._holder = subprocess.Popen(
-            ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", "\n".join(lines)],
+            [
+                "unshare",
+                "--mount",
+                "--net",
+                "--pid",
+                "--kill-child=SIGKILL",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "\n".join(lines),
+            ],
             stdout=subprocess.PIPE,
             stderr=(self.log_dir / "holder.log").open("ab"),
             stdin=subprocess.DEVNULL,
@@ -399,7 +416,10 @@ state = "/run/containerd"
         assert self._holder.stdout is not None
         ready = self._holder.stdout.readline()
         self._holder.stdout.close()
-        if ready.strip() != b"ready":
+        children = Path(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children")
+        with contextlib.suppress(OSError, ValueError):
+            self._init_pid = int(children.read_text().split()[0])
+        if ready.strip() != b"ready" or not self._init_pid:
             self._holder.wait(timeout=5)
             raise KubeletNodeError(
                 f"the namespaces of node {self.node_name} could not be set up "
@@ -434,9 +454,10 @@ state = "/run/containerd"
             return subprocess.Popen(
                 [
                     "nsenter",
-                    f"--target={self._holder.pid}",
+                    f"--target={self._init_pid}",
                     "--mount",
                     "--net",
+                    "--pid",
                     "--root",
                     f"--wd={self.log_dir}",
                     "--",
@@ -500,17 +521,25 @@ state = "/run/containerd"
 
     # -- teardown --------------------------------------------------------------------------------
 
+    def _cgroup_rels(self) -> list[str]:
+        """This node's cgroups, relative to a hierarchy: the kubelet's cgroupRoot and one per
+        container containerd made (with cgroupsPerQOS off it places them at /k8s.io/<id>)."""
+        return [self.cgroup_parent.lstrip("/"), *(f"k8s.io/{cid}" for cid in sorted(self._container_ids))]
+
     def _cgroup_dirs(self) -> list[Path]:
-        """This node's pod cgroup parents, one per hierarchy that has it (v1) or the unified one."""
+        """This node's cgroups in every hierarchy that has them (v1) or the unified one."""
         base = Path("/sys/fs/cgroup")
-        rel = self.cgroup_parent.lstrip("/")
-        found = [base / rel] if (base / rel).is_dir() else []
-        found += [
-            h / rel
-            for h in sorted(base.iterdir())
-            if h.is_dir() and not h.is_symlink() and (h / rel).is_dir()
-        ]
+        hierarchies = [base, *(h for h in sorted(base.iterdir()) if h.is_dir() and not h.is_symlink())]
+        found = [h / rel for rel in self._cgroup_rels() for h in hierarchies if (h / rel).is_dir()]
         return list(dict.fromkeys(found))
+
+    def _note_containers(self) -> None:
+        """Remember containerd's container ids (their cgroups are removed at stop)."""
+        if self._containerd is None or self._containerd.poll() is not None:
+            return
+        proc = self.ctr("containers", "ls", "-q", check=False, timeout=30)
+        if proc.returncode == 0:
+            self._container_ids.update(proc.stdout.split())
 
     def _kill_cgroups(self) -> None:
         dirs = self._cgroup_dirs()
@@ -535,18 +564,21 @@ state = "/run/containerd"
                     sub.rmdir()
             with contextlib.suppress(OSError):
                 d.rmdir()
+            if d.parent.name == "k8s.io":
+                with contextlib.suppress(OSError):  # other nodes' containers may still be there
+                    d.parent.rmdir()
 
     def _mount_ns_procs(self) -> list[int]:
         """Processes in the holder's mount namespace (containerd's shims outlive containerd)."""
-        if self._holder is None:
+        if not self._init_pid:
             return []
         try:
-            ns = Path(f"/proc/{self._holder.pid}/ns/mnt").readlink()
+            ns = Path(f"/proc/{self._init_pid}/ns/mnt").readlink()
         except OSError:
             return []
         out = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != self._holder.pid:
+            if entry.name.isdigit() and int(entry.name) != self._init_pid:
                 with contextlib.suppress(OSError):
                     if (entry / "ns" / "mnt").readlink() == ns:
                         out.append(int(entry.name))
@@ -555,6 +587,7 @@ state = "/run/containerd"
     def stop(self) -> None:
         """Kubelet, containers (by cgroup), shims, containerd, relays, holder; then the node's files."""
         self._end(self._kubelet)
+        self._note_containers()
         self._kill_cgroups()
         for pid in self._mount_ns_procs():
             with contextlib.suppress(ProcessLookupError):
@@ -587,6 +620,24 @@ state = "/run/containerd"
         if self.root.exists():
             out.append(f"node root still on disk: {self.root}")
         return out
+
+
+def sweep_stale_cgroups() -> None:
+    """Remove empty container cgroups (``/k8s.io/<id>``, ``/gpu-dra-node-*``) an earlier node left
+    when its test process was killed (processes and mounts die with the node's namespaces; cgroup
+    dirs do not). rmdir fails on a cgroup that still has processes, so a running container's is
+    never touched."""
+    base = Path("/sys/fs/cgroup")
+    for hierarchy in [base, *(h for h in base.iterdir() if h.is_dir() and not h.is_symlink())]:
+        for parent in [*hierarchy.glob("k8s.io"), *hierarchy.glob("gpu-dra-node-*")]:
+            if not parent.is_dir():
+                continue
+            for d in parent.iterdir():
+                if d.is_dir():
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def _remove_tree(path: Path) -> None:
