@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from driver.errors import ConfigError
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, registration_pb2, registration_pb2_grpc
 from driver.kubeletplugin.draservice import unix_target
 from driver.kubeletplugin.sockets import SocketPaths
@@ -62,7 +63,13 @@ class HealthServer:
             [grpc.method_handlers_generic_handler(SERVICE, {"Check": handler})]
         )
         host = f"[{address}]" if ":" in address else address
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"--healthcheck-address / HEALTHCHECK_ADDRESS {address}:{port} cannot be listened on "
+                f"({exc}); use an address of this host or pod, or -1 as the port to turn the service off"
+            ) from exc
         self.address = address
 
     def _check(self, request: bytes, context: grpc.ServicerContext) -> bytes:

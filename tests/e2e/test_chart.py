@@ -247,13 +247,8 @@ def test_default_render(helm: Helm) -> None:
     assert env["STATE_DIR"] == "/var/lib/kubelet/plugins/gpu.nvidia.com"
     assert env["DRIVER_ROOT_CTR_PATH"] == "/driver-root"
     assert "FEATURE_GATES" not in env
-    # The kubelet's native gRPC probes on the plugin's health port (no process per probe).
     for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": 51516}
-        assert "exec" not in container[probe]
-    assert env["HEALTHCHECK_PORT"] == "51516"
-    assert env["HEALTHCHECK_ADDRESS"] == "$(POD_IP)"
-    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert container[probe]["exec"]["command"] == ["gpu-dra", "probe"]
     assert env["MPS_ROOT"] == "/run/nvidia/mps"  # the plugin's own --mps-root default
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -571,7 +566,6 @@ def test_a_values_file_written_for_nvidias_chart_installs_mapped(helm: Helm) -> 
     assert env["LOG_LEVEL"] == "debug"  # logVerbosity 6
     assert env["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/nvidia/toolkit/nvidia-cdi-hook"
     assert env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
-    assert container["livenessProbe"]["grpc"] == {"port": 51516}
     # Their update strategy has no meaning here: seamless upgrades need the surge.
     assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
@@ -597,6 +591,7 @@ def test_a_values_file_written_for_nvidias_chart_installs_mapped(helm: Helm) -> 
         "webhook",
         "kubeletPlugin.updateStrategy",
         "kubeletPlugin.containers.computeDomains",
+        "kubeletPlugin.containers.gpus.healthcheckPort",
     }
     assert "exec ds/rel-gpu-dra-kubelet-plugin -- gpu-dra doctor" in notes
     assert "<plugin pod>" not in notes

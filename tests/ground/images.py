@@ -843,6 +843,7 @@ def plugin_image(tag: str = "test", extra_labels: Mapping[str, str] | None = Non
                 tmp_meta = layers_dir / "build.json.tmp"
                 tmp_meta.write_text(json.dumps(record))
                 tmp_meta.replace(meta)
+                _prune_plugin_builds(layers_dir)
             record = json.loads(meta.read_text())
     config = ImageConfig(
         env=tuple(record["env"]),
@@ -862,6 +863,28 @@ def plugin_image(tag: str = "test", extra_labels: Mapping[str, str] | None = Non
                 return Image(m["ref"], Path(m["archive"]), m["manifest_digest"])
         d.mkdir(parents=True, exist_ok=True)
         return _store_image(d, ref, layers, config)
+
+
+#: Plugin builds kept in the cache (each wheel change makes a new one of ~40 MB plus ~100 MB per tag).
+KEEP_PLUGIN_BUILDS = 4
+
+
+def _prune_plugin_builds(keep: Path) -> None:
+    """Drop all but the newest KEEP_PLUGIN_BUILDS plugin builds; skip any another process holds."""
+    builds = sorted(
+        (d for d in cache_root().glob("plugin-*") if d.is_dir() and d.name != "plugin-work" and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[KEEP_PLUGIN_BUILDS - 1 :]:
+        lock = old.with_name(old.name + ".lock")
+        with lock.open("w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+        lock.unlink(missing_ok=True)
 
 
 def _build_args(text: str) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from driver.errors import ConfigError
 from driver.kubeletapi import (
     dra_v1_pb2,
     dra_v1_pb2_grpc,
@@ -332,3 +333,9 @@ def test_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
     plugin = KubeletPlugin(DRIVER, paths, DraService(node.state, StaticClaimSource()))
     with pytest.raises(ValueError, match="kubelet-plugins-directory-path"):
         plugin.start()
+
+
+def test_health_address_that_cannot_be_listened_on_names_the_flag(plugin: Plugin) -> None:
+    """A wrong --healthcheck-address is a config error saying which flag, not a grpc traceback."""
+    with pytest.raises(ConfigError, match=r"--healthcheck-address / HEALTHCHECK_ADDRESS 192\.0\.2\.7"):
+        HealthServer(plugin.paths, 0, "192.0.2.7")
