@@ -8,9 +8,10 @@ Go module, tests/peers/build.sh) as its runtime instead of the fake CRI.
 
 How it stays off the host (everything runs as root):
 
-* A holder process (``unshare --mount --net``) owns a private mount and network namespace, lays
-  out the node's root and enters it with ``pivot_root``. Not ``chroot``: under a chroot, runc's
-  exec (exec probes, ``kubectl exec``) lands at the namespace's real root, the host's ``/``.
+* A holder process (``unshare --mount --net --pid``) owns private mount, network and PID
+  namespaces; it lays out the node's root and enters it with ``pivot_root``. Not ``chroot``:
+  under a chroot, runc's exec (exec probes, ``kubectl exec``) lands at the namespace's real root,
+  the host's ``/``.
   containerd, the kubelet and every container start inside it (``nsenter``).
 * The node's root: the host's ``/usr`` read-only; ``/etc`` an overlay over the host's (the node's
   config files - containerd, CNI, CDI - land in its upper dir); its own ``/var/lib``, ``/var/log``,
@@ -25,10 +26,12 @@ How it stays off the host (everything runs as root):
   (10.88.0.0/16), and 10.96.0.1 on loopback where :class:`tests.ground.netrelay.Relay` serves the
   API server to pods; the API server reaches the kubelet through the control plane's
   :class:`tests.ground.netrelay.EgressProxy`. The host gains no interface, route or address.
-* Containers' cgroups live under one parent per node (the kubelet's ``cgroupRoot``); stop kills
-  what is in them and removes them, then ends containerd, its shims and the holder, and deletes
-  the node's root. :meth:`leftovers` says what of the node is still on the host (tests assert it
-  is nothing).
+* The holder's PID namespace has an init that dies with it, and the holder dies with the test
+  process (parent-death signal): nothing of the node outlives a killed test run but empty cgroup
+  dirs (swept at the next start). Containers' cgroups are ``/k8s.io/<id>`` (the kubelet runs
+  without QoS cgroups); stop kills what is in them and removes them, then ends containerd, its
+  shims and the holder, and deletes the node's root. :meth:`leftovers` says what of the node is
+  still on the host (tests assert it is nothing).
 
 What it does not do: pull images (``import_image`` loads OCI archives from tests.ground.images),
 run more than one node per control plane address plan, or offer a pod network across nodes.
