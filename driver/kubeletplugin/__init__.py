@@ -25,6 +25,7 @@ from driver.kubeletplugin.sockets import (
     SocketPaths,
     prepare_socket_path,
     restrict_socket,
+    staging_path,
 )
 
 log = structlog.get_logger(__name__)
@@ -90,7 +91,7 @@ class KubeletPlugin:
         mode, so the kubelet's first connect, made as soon as the name appears, never finds a
         socket that is bound but not yet listening."""
         prepare_socket_path(path, own_dir=path == self.paths.dra)
-        bind_at = path.with_name(f".{path.name}.tmp") if appear_when_listening else path
+        bind_at = staging_path(path) if appear_when_listening else path
         if bind_at != path:
             prepare_socket_path(bind_at)  # left by a start killed between bind and rename
         owned = OwnedSocket(path)

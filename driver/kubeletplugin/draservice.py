@@ -34,14 +34,12 @@ import structlog
 from driver.errors import ClaimError
 from driver.kubeletapi import dra_v1_pb2, dra_v1_pb2_grpc, dra_v1beta1_pb2, dra_v1beta1_pb2_grpc
 from driver.kubeletplugin.claims import Claim, ClaimRef, ClaimSource, check_claim_ref, fetch_allocated
+from driver.kubeletplugin.sockets import MAX_SOCKET_PATH
 from driver.metrics import operation, stage
 
 log = structlog.get_logger(__name__)
 
 _request_ids = itertools.count(1)
-
-# Sun's sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ This module does not start servers; it only names, prepares and removes socket f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -26,10 +27,14 @@ from pathlib import Path
 
 import structlog
 
+from driver.errors import ConfigError
+
 log = structlog.get_logger(__name__)
 
 DIR_MODE = 0o700
 SOCKET_MODE = 0o600
+#: A Unix socket's path must fit sun_path: 108 bytes with the terminating NUL (unix(7)).
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +51,38 @@ class SocketPaths:
         """Socket paths as the Go helper names them (per-instance names when ``pod_uid`` is given)."""
         data_dir = plugins_dir / driver_name
         if pod_uid:
-            return cls(data_dir / f"dra-{pod_uid}.sock", registry_dir / f"{driver_name}-{pod_uid}-reg.sock")
-        return cls(data_dir / "dra.sock", registry_dir / f"{driver_name}-reg.sock")
+            paths = cls(data_dir / f"dra-{pod_uid}.sock", registry_dir / f"{driver_name}-{pod_uid}-reg.sock")
+        else:
+            paths = cls(data_dir / "dra.sock", registry_dir / f"{driver_name}-reg.sock")
+        check_socket_path(paths.dra, plugins_dir, "--kubelet-plugins-directory-path")
+        check_socket_path(paths.registration, registry_dir, "--kubelet-registrar-directory-path")
+        return paths
+
+
+def check_socket_path(path: Path, flag_dir: Path, flag: str) -> None:
+    """Refuse a socket path longer than a Unix socket allows, naming the flag (``flag``, which set
+    ``flag_dir``, the directory ``path`` lies under) and how long that directory may be.
+
+    gRPC's own report of this is a bare "Failed to bind to address", which names no cause.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"socket path {path} is {size} bytes, Unix sockets allow at most {MAX_SOCKET_PATH}: "
+            f"set {flag} to a directory at most {MAX_SOCKET_PATH - size + len(os.fsencode(flag_dir))} "
+            "bytes long (the kubelet's root dir must match it)"
+        )
+
+
+def staging_path(path: Path) -> Path:
+    """A hidden name beside ``path`` to bind under before renaming into place.
+
+    The kubelet's plugin watcher skips dot files. The name is derived from ``path`` (so a start
+    killed between bind and rename finds its leftover again) and is shorter than any socket name
+    the plugin uses, so it never makes the path too long where the final name fits.
+    """
+    digest = hashlib.sha256(path.name.encode()).hexdigest()[:12]
+    return path.with_name(f".{digest}.tmp")
 
 
 def private_dir(path: Path) -> Path:

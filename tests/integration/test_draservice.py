@@ -28,6 +28,7 @@ from driver.kubeletplugin import KubeletPlugin, SocketPaths
 from driver.kubeletplugin.claims import StaticClaimSource
 from driver.kubeletplugin.draservice import DraService
 from driver.kubeletplugin.health import HealthServer, probe
+from driver.kubeletplugin.sockets import MAX_SOCKET_PATH
 from tests.integration.test_state import DRIVER, NODE, Node, make_claim, make_node
 
 
@@ -328,11 +329,30 @@ def test_health_service_checks_both_sockets(plugin: Plugin) -> None:
 def test_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
     """A socket path over the Unix limit fails with a message naming the flags to shorten."""
     deep = tmp_path / ("x" * 120)
-    paths = SocketPaths.for_driver(deep, deep, DRIVER)
-    node = make_node(tmp_path / "n")
+    too_long = "set --kubelet-{}-directory-path to a directory at most 83 "
+    with pytest.raises(ConfigError, match=too_long.format("registrar")):
+        SocketPaths.for_driver(deep, Path("/tmp/gd"), DRIVER)
+    with pytest.raises(ConfigError, match=too_long.format("plugins")):
+        SocketPaths.for_driver(Path("/tmp/gd"), deep, DRIVER)
+
+
+def test_registration_socket_binds_where_its_name_just_fits(short_dir: Path) -> None:
+    """The hidden name the registration socket is bound under before its rename is never longer
+    than the socket's own name, so a registrar dir whose final path just fits works (a staging
+    name of the form ``.<name>.tmp`` failed to bind there with gRPC's bare "Failed to bind")."""
+    pod_uid = "0f6c1e2a-8d4b-4c3e-9a7f-5b2d1c0e9f8a"
+    name = f"{DRIVER}-{pod_uid}-reg.sock"
+    registry = short_dir / ("r" * (MAX_SOCKET_PATH - len(str(short_dir)) - 2 - len(name)))
+    paths = SocketPaths.for_driver(registry, short_dir / "p", DRIVER, pod_uid)
+    assert len(str(paths.registration)) == MAX_SOCKET_PATH
+    node = make_node(short_dir / "n")
     plugin = KubeletPlugin(DRIVER, paths, DraService(node.state, StaticClaimSource()))
-    with pytest.raises(ValueError, match="kubelet-plugins-directory-path"):
-        plugin.start()
+    plugin.start()
+    try:
+        assert paths.registration.is_socket()
+        assert [p.name for p in registry.iterdir()] == [name]
+    finally:
+        plugin.stop(grace_s=0.5)
 
 
 def test_health_address_that_cannot_be_listened_on_names_the_flag(plugin: Plugin) -> None:
