@@ -248,7 +248,10 @@ def test_default_render(helm: Helm) -> None:
     assert env["DRIVER_ROOT_CTR_PATH"] == "/driver-root"
     assert "FEATURE_GATES" not in env
     for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == ["gpu-dra", "probe"]
+        assert container[probe]["grpc"] == {"port": 51516}  # the kubelet's own probe, no exec
+    assert env["HEALTHCHECK_PORT"] == "51516"
+    assert env["HEALTHCHECK_ADDRESS"] == "$(POD_IP)"
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["MPS_ROOT"] == "/run/nvidia/mps"  # the plugin's own --mps-root default
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -566,6 +569,8 @@ def test_a_values_file_written_for_nvidias_chart_installs_mapped(helm: Helm) -> 
     assert env["LOG_LEVEL"] == "debug"  # logVerbosity 6
     assert env["NVIDIA_CDI_HOOK_PATH"] == "/usr/local/nvidia/toolkit/nvidia-cdi-hook"
     assert env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
+    health = {p["name"]: p["containerPort"] for p in container["ports"]}["health"]
+    assert health == int(env["HEALTHCHECK_PORT"]) == container["startupProbe"]["grpc"]["port"]
     # Their update strategy has no meaning here: seamless upgrades need the surge.
     assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
@@ -591,7 +596,6 @@ def test_a_values_file_written_for_nvidias_chart_installs_mapped(helm: Helm) -> 
         "webhook",
         "kubeletPlugin.updateStrategy",
         "kubeletPlugin.containers.computeDomains",
-        "kubeletPlugin.containers.gpus.healthcheckPort",
     }
     assert "exec ds/rel-gpu-dra-kubelet-plugin -- gpu-dra doctor" in notes
     assert "<plugin pod>" not in notes

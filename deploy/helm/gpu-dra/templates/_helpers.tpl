@@ -63,7 +63,7 @@ app.kubernetes.io/component: kubelet-plugin
 {{- $ignored = append $ignored (printf "kubeletPlugin.containers.%s" $name) -}}
 {{- else -}}
 {{- range $key, $_ := $container -}}
-{{- if ne $key "resources" -}}{{- $ignored = append $ignored (printf "kubeletPlugin.containers.gpus.%s" $key) -}}{{- end -}}
+{{- if not (has $key (list "healthcheckPort" "resources")) -}}{{- $ignored = append $ignored (printf "kubeletPlugin.containers.gpus.%s" $key) -}}{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
