@@ -71,14 +71,21 @@ def test_two_pods_share_one_prepared_gpu(node_factory: NodeFactory, kubelet: tup
     reserved = {r["uid"] for r in claim["status"]["reservedFor"]}
     assert reserved == {str(p["metadata"]["uid"]) for p in pods.values()}
 
-    # The same CDI device for both containers.
+    # The same CDI device for both containers. (When both pods are synced at once the kubelet asks
+    # once per pod and names the device once per answer; a runtime injects it once however often
+    # named, so the set per container is what counts.)
     cdi_id = f"k8s.gpu.nvidia.com/claim={uid}-{result['device']}"
-    seen = {name: h100.kubelet.pod_cdi_devices[str(p["metadata"]["uid"])] for name, p in pods.items()}
-    assert seen == {"qwen-inference": {"vllm": [cdi_id]}, "embedding-service": {"embedder": [cdi_id]}}
+    seen = {
+        name: {ctr: set(ids) for ctr, ids in h100.kubelet.pod_cdi_devices[str(p["metadata"]["uid"])].items()}
+        for name, p in pods.items()
+    }
+    assert seen == {"qwen-inference": {"vllm": {cdi_id}}, "embedding-service": {"embedder": {cdi_id}}}
 
-    # Prepared once: one NodePrepareResources for the claim, one checkpoint entry, one spec.
+    # Prepared once: the kubelet's one call per pod at most, each answered without error, and on
+    # the plugin's side one checkpoint entry and one spec.
     prepares = [c for c in h100.kubelet.calls if c.method == PREPARE]
-    assert [(c.claims, c.error) for c in prepares] == [(((NS, uid, CLAIM),), "")]
+    assert 1 <= len(prepares) <= len(PODS), h100.diagnostics()
+    assert {(c.claims, c.error) for c in prepares} == {(((NS, uid, CLAIM),), "")}
     assert {c.service for c in h100.kubelet.calls} == {kubelet[0]}  # v1, or v1beta1 for a 1.32 kubelet
     recorded = h100.checkpoint()
     assert list(recorded) == [uid]
@@ -97,7 +104,7 @@ def test_two_pods_share_one_prepared_gpu(node_factory: NodeFactory, kubelet: tup
 
     # The first pod goes: the claim stays prepared for the second.
     node_factory.delete([pod_objects["qwen-inference"]])
-    assert [c.method for c in h100.kubelet.calls] == [PREPARE]
+    assert {c.method for c in h100.kubelet.calls} == {PREPARE}
     assert uid in h100.checkpoint()
     assert h100.cdi_spec(uid) is not None
 
