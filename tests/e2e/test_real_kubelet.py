@@ -160,6 +160,13 @@ def test_the_kubelet_runs_as_its_node_and_leaves_the_host_alone(node_factory: No
     )  # fmt: skip
     assert inside.stdout.strip() == KUBELET_SYSCTLS["vm/overcommit_memory"]
     assert (kubelet.var_dir / "log" / "containers").is_dir()
+    # Its working dir is an empty one of its own: with the fake CRI's empty LogPath the kubelet's
+    # container-log clean-up removes what "*" matches in its cwd (at "/" it deleted the host's /bin).
+    pid = kubelet.kubelet_pid
+    assert pid is not None
+    cwd = Path(f"/proc/{pid}/cwd").readlink()
+    assert cwd.is_relative_to(kubelet.log_dir), cwd
+    assert not list(cwd.iterdir())
     assert _host_state() == before
 
     node.stop()

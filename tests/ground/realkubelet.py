@@ -226,17 +226,14 @@ class RealKubelet:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _make_dirs(self) -> None:
+        for d in (self.run_dir, self.log_dir, self.control_dir, self.var_dir / "log", self.var_dir / "lib"):
+            d.mkdir(parents=True, exist_ok=True)
+
     def start(self) -> None:
         """Holder, fakecri and kubelet; returns once the kubelet has started (not yet Ready)."""
         try:
-            for d in (
-                self.run_dir,
-                self.log_dir,
-                self.control_dir,
-                self.var_dir / "log",
-                self.var_dir / "lib",
-            ):
-                d.mkdir(parents=True, exist_ok=True)
+            self._make_dirs()
             self._write_pki()
             self._write_config()
             self._start_holder()
@@ -426,6 +423,10 @@ class RealKubelet:
     @property
     def kubelet_running(self) -> bool:
         return self._kubelet is not None and self._kubelet.poll() is None
+
+    @property
+    def kubelet_pid(self) -> int | None:
+        return self._kubelet.pid if self.kubelet_running and self._kubelet is not None else None
 
     def wait_node_ready(self, api: kclient.ApiClient, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
         """Wait until the kubelet has registered its Node and reports Ready; lift the not-ready taint."""

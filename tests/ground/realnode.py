@@ -178,14 +178,7 @@ class RealNode(RealKubelet):
         """Lay out the root, start holder, relays, containerd and the kubelet (not yet Ready)."""
         sweep_stale_cgroups()
         try:
-            for d in (
-                self.run_dir,
-                self.log_dir,
-                self.control_dir,
-                self.var_dir / "log",
-                self.var_dir / "lib",
-            ):
-                d.mkdir(parents=True, exist_ok=True)
+            self._make_dirs()
             self._write_pki()
             self._write_config()
             self._lay_out_root()
