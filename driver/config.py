@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from driver.errors import ConfigError
 from driver.inventory import DRIVER_NAME
+
+_N = TypeVar("_N", int, float)
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _POD_UID = re.compile(r"^[a-z0-9][-a-z0-9]{0,62}$")
@@ -367,45 +370,22 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> C
         raw = v[key]
         return Path(raw) if raw else None
 
-    try:
-        port = int(v["healthcheck_port"] or "-1")
-    except ValueError:
-        raise ConfigError(
-            f"--healthcheck-port / HEALTHCHECK_PORT must be an integer, got {v['healthcheck_port']!r}"
-        ) from None
-    try:
-        mps_timeout = float(v["mps_ready_timeout"] or "10")
-    except ValueError:
-        raise ConfigError(
-            "--mps-ready-timeout / MPS_READY_TIMEOUT must be a number of seconds, "
-            f"got {v['mps_ready_timeout']!r}"
-        ) from None
-    try:
-        shutdown_grace = float(v["shutdown_grace"] or "5")
-    except ValueError:
-        raise ConfigError(
-            f"--shutdown-grace / SHUTDOWN_GRACE must be a number of seconds, got {v['shutdown_grace']!r}"
-        ) from None
-    try:
-        recovery_poll = float(v["recovery_poll_interval"] or "10")
-    except ValueError:
-        raise ConfigError(
-            "--recovery-poll-interval / RECOVERY_POLL_INTERVAL must be a number of seconds, "
-            f"got {v['recovery_poll_interval']!r}"
-        ) from None
-    try:
-        metrics_port = int(v["metrics_port"] or "-1")
-    except ValueError:
-        raise ConfigError(
-            f"--metrics-port / METRICS_PORT must be an integer, got {v['metrics_port']!r}"
-        ) from None
-    try:
-        event_interval = float(v["event_min_interval"] or "60")
-    except ValueError:
-        raise ConfigError(
-            "--event-min-interval / EVENT_MIN_INTERVAL must be a number of seconds, "
-            f"got {v['event_min_interval']!r}"
-        ) from None
+    def number(key: str, default: str, kind: Callable[[str], _N]) -> _N:
+        """``v[key]`` as ``kind``; a bad value is a ConfigError naming the flag and its env twin."""
+        try:
+            return kind(v[key] or default)
+        except ValueError:
+            what = "an integer" if kind is int else "a number of seconds"
+            raise ConfigError(
+                f"--{key.replace('_', '-')} / {key.upper()} must be {what}, got {v[key]!r}"
+            ) from None
+
+    port = number("healthcheck_port", "-1", int)
+    mps_timeout = number("mps_ready_timeout", "10", float)
+    shutdown_grace = number("shutdown_grace", "5", float)
+    recovery_poll = number("recovery_poll_interval", "10", float)
+    metrics_port = number("metrics_port", "-1", int)
+    event_interval = number("event_min_interval", "60", float)
     from driver.health import parse_xid_list
 
     no_publish = bool(getattr(ns, "no_publish", None)) or environ.get("NO_PUBLISH", "").lower() in (
